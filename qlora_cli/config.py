@@ -1,0 +1,291 @@
+"""Recipe schema, YAML loading with `extends:`, and torchtune-style dotted overrides.
+
+A recipe is validated once, here, before any model is loaded; everything downstream takes the typed
+`Recipe`, never a dict.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from qlora_cli.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(description="Hub id, local folder, or builtin:tiny-llama / builtin:tiny-t5.")
+    tokenizer: str | None = Field(None, description="Tokenizer hub id or folder; defaults to the model's.")
+    revision: str | None = None
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+
+
+class QuantizationConfig(_Section):
+    bits: Literal[4, 8, 16] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto = bf16 on a GPU that supports it, else fp16 on older GPUs, fp32 on the CPU."
+    )
+    quant_storage: Literal["auto", "uint8", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Storage dtype of packed 4-bit weights; FSDP needs it equal to the compute dtype."
+    )
+
+
+class LoraConfig(_Section):
+    enabled: bool = Field(True, description="false = full finetuning (needs quantization.bits=16).")
+    r: int = Field(64, gt=0)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear", description="all-linear = every linear layer but the output head, found in the model."
+    )
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+class DataConfig(_Section):
+    dataset: str = Field("alpaca", description="A registered dataset name; see `qlora data formats`.")
+    path: str | None = Field(None, description="Local file or folder in the dataset's native schema.")
+    data_files: list[str] | None = Field(None, description="Several local files (instead of path).")
+    hub_id: str | None = Field(None, description="Override the dataset's hub id.")
+    hub_config: str | None = None
+    source_max_len: int = Field(384, gt=0)
+    target_max_len: int = Field(128, gt=0)
+    train_on_source: bool = False
+    eval_size: int = Field(1024, ge=0, description="Held out from train when the dataset has no eval split.")
+    max_train_samples: int | None = Field(None, gt=0)
+    max_eval_samples: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _known_dataset(self) -> DataConfig:
+        from qlora_cli.data.formats import FORMATS
+
+        if self.dataset not in FORMATS:
+            raise ValueError(f"unknown dataset {self.dataset!r}{_suggest(self.dataset, FORMATS)}")
+        if self.path and self.data_files:
+            raise ValueError("set data.path or data.data_files, not both")
+        return self
+
+
+class TrainingConfig(_Section):
+    batch_size: int = Field(1, gt=0, description="Per-device micro batch.")
+    gradient_accumulation_steps: int = Field(16, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: str = "constant"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    max_steps: int = Field(10000, gt=0)
+    optim: str = "paged_adamw_32bit"
+    max_grad_norm: float = Field(0.3, gt=0)
+    adam_beta2: float = Field(0.999, gt=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    gradient_checkpointing: bool = True
+    group_by_length: bool = True
+    logging_steps: int = Field(10, gt=0)
+    save_steps: int = Field(250, gt=0)
+    save_total_limit: int | None = Field(40, gt=0)
+    eval_steps: int | None = Field(None, gt=0, description="Evaluate loss on the held-out split every N steps.")
+    eval_batch_size: int = Field(8, gt=0)
+    seed: int = 42
+    report_to: list[str] = Field(default_factory=lambda: ["none"])
+    max_bad_steps: int = Field(0, ge=0, description="Non-finite losses tolerated before the run stops.")
+    fsdp: bool = False
+    deepspeed: str | None = None
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Per process; multiply by the number of processes for the global batch."""
+        return self.batch_size * self.gradient_accumulation_steps
+
+
+class MmluEvalConfig(_Section):
+    every_n_steps: int = Field(200, gt=0)
+    split: Literal["val", "test"] = "val"
+    shots: Literal[0, 5] = 5
+    limit: int | None = Field(None, gt=0)
+    data: str | None = Field(None, description="Hendrycks folder or paper JSON; default: the hub's cais/mmlu.")
+    batch_size: int = Field(4, gt=0)
+    max_length: int = Field(2048, gt=0)
+
+
+class EvalConfig(_Section):
+    mmlu: MmluEvalConfig | None = None
+    exact_match_samples: int = Field(
+        0, ge=0, description="Greedy-generate N held-out examples before and after training; report exact match."
+    )
+    max_new_tokens: int = Field(64, gt=0)
+
+
+class Recipe(_Section):
+    output_dir: str
+    model: ModelConfig
+    quantization: QuantizationConfig = QuantizationConfig()
+    lora: LoraConfig = LoraConfig()
+    data: DataConfig = DataConfig()
+    training: TrainingConfig = TrainingConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        if not self.lora.enabled and self.quantization.bits != 16:
+            raise ValueError(
+                f"full finetuning (lora.enabled=false) cannot train a {self.quantization.bits}-bit base: "
+                "set quantization.bits=16 or enable LoRA"
+            )
+        if self.training.fsdp and self.quantization.bits == 8:
+            raise ValueError("FSDP cannot shard 8-bit (LLM.int8) weights: use quantization.bits=4 or 16")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a recipe file (following `extends:`), apply `key.path=value` overrides, validate."""
+    raw = _read_with_extends(Path(path), seen=())
+    for item in overrides:
+        _apply_override(raw, item)
+    return validate_recipe(raw, source=str(path))
+
+
+def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(exc)}") from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"recipe not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read recipe {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def _read_with_extends(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    resolved = path.resolve()
+    if resolved in seen:
+        chain = " -> ".join(str(p) for p in (*seen, resolved))
+        raise ConfigError(f"{path}: circular extends: {chain}")
+    data = _read_yaml(path)
+    parents = data.pop("extends", None)
+    if parents is None:
+        return data
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise ConfigError(f"{path}: extends must be a file name or a list of file names")
+    merged: dict[str, Any] = {}
+    for parent in parents:
+        merged = deep_merge(merged, _read_with_extends(path.parent / parent, (*seen, resolved)))
+    return deep_merge(merged, data)
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Mappings merge key by key; anything else in `update` replaces what `base` had."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} is not of the form key.path=value (e.g. training.max_steps=20)")
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        value = text
+    parts = key.split(".")
+    node: Any = raw
+    model: type[BaseModel] | None = Recipe
+    for depth, part in enumerate(parts[:-1]):
+        model = _check_key(model, parts[: depth + 1])
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {'.'.join(parts[: depth + 1])} is not a section")
+        node = child
+    _check_key(model, parts)
+    node[parts[-1]] = value
+
+
+def _check_key(model: type[BaseModel] | None, parts: list[str]) -> type[BaseModel] | None:
+    """Fail on an unknown override key at once, naming the closest valid one; return the sub-model."""
+    if model is None:
+        return None
+    name = parts[-1]
+    fields = model.model_fields
+    if name not in fields:
+        raise ConfigError(f"unknown key {'.'.join(parts)}{_suggest(name, fields)}")
+    return _section_type(fields[name].annotation)
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    candidates = getattr(annotation, "__args__", None) or (annotation,)
+    for candidate in candidates:
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _suggest(name: str, valid: Any) -> str:
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        key = ".".join(loc) or "recipe"
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(loc[:-1])
+            hint = _suggest(loc[-1], parent.model_fields) if parent else ""
+            lines.append(f"unknown key {key}{hint}")
+        elif err["type"] == "missing":
+            lines.append(f"missing required key {key}")
+        else:
+            message = err["msg"].removeprefix("Value error, ")
+            got = err.get("input")
+            shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+            lines.append(f"{key}: {message}{shown}")
+    return "; ".join(lines)
+
+
+def _model_at(loc: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = Recipe
+    for part in loc:
+        if model is None or part not in model.model_fields:
+            return None
+        model = _section_type(model.model_fields[part].annotation)
+    return model

@@ -1,0 +1,181 @@
+"""Builtin assets that need no network: tiny random-init models, their tokenizer, and a demo dataset.
+
+`builtin:tiny-llama`, `builtin:tiny-t5` (model.name_or_path) and `builtin:demo-instructions` (data.path)
+are built once, deterministically, and cached in Hugging Face format under `cache_dir()`; from there on
+they load through exactly the same code path as a hub model or a user's file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+BUILTIN = "builtin:"
+_VERSION = "v1"  # bump when an asset changes so stale caches are rebuilt
+
+WORDS = [
+    "apple", "river", "stone", "cloud", "tiger", "green", "music", "paper", "light", "house",
+    "ocean", "bread", "chair", "dream", "flame", "glass", "honey", "lemon", "mouse", "zebra",
+]  # fmt: skip
+DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("QLORA_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qlora"
+    return Path(root) / "builtin" / _VERSION
+
+
+def is_builtin(name: str) -> bool:
+    return name.startswith(BUILTIN)
+
+
+def resolve_builtin_model(name: str) -> str:
+    """Map builtin:NAME to its cached folder (building it on first use); pass anything else through."""
+    if not is_builtin(name):
+        return name
+    key = name.removeprefix(BUILTIN)
+    builders = {"tiny-llama": _build_tiny_llama, "tiny-t5": _build_tiny_t5}
+    if key not in builders:
+        from qlora_cli.errors import QloraError
+
+        raise QloraError(f"unknown builtin model {name!r}; builtin models: {', '.join(BUILTIN + k for k in builders)}")
+    return str(_materialize(key, builders[key]))
+
+
+def resolve_builtin_data(name: str) -> Path:
+    if not is_builtin(name):
+        return Path(name).expanduser()
+    key = name.removeprefix(BUILTIN)
+    if key != "demo-instructions":
+        from qlora_cli.errors import QloraError
+
+        raise QloraError(f"unknown builtin dataset {name!r}; builtin datasets: builtin:demo-instructions")
+    return _materialize(key, _write_demo_dataset) / "train.json"
+
+
+def _materialize(key: str, build) -> Path:
+    target = cache_dir() / key
+    if (target / ".complete").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
+    try:
+        build(tmp)
+        (tmp / ".complete").write_text("")
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first; theirs is identical
+            shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+def demo_records(n: int, seed: int) -> list[dict[str, str]]:
+    """Short word and digit tasks that a tiny random model can learn through LoRA in a few hundred steps."""
+    rng = random.Random(seed)
+
+    def words(k: int) -> list[str]:
+        return rng.sample(WORDS, k)
+
+    tasks = [
+        ("Repeat the words.", lambda w: " ".join(w), lambda w: " ".join(w)),
+        ("Reverse the order of the words.", lambda w: " ".join(w), lambda w: " ".join(reversed(w))),
+        ("What is the first word?", lambda w: " ".join(w), lambda w: w[0]),
+        ("What is the last word?", lambda w: " ".join(w), lambda w: w[-1]),
+    ]
+    records = []
+    for _ in range(n):
+        kind = rng.randrange(len(tasks) + 1)
+        if kind == len(tasks):
+            digits = [rng.randrange(10) for _ in range(rng.randint(2, 4))]
+            records.append(
+                {
+                    "instruction": "Write the digits as words.",
+                    "input": " ".join(map(str, digits)),
+                    "output": " ".join(DIGITS[d] for d in digits),
+                }
+            )
+            continue
+        instruction, make_input, make_output = tasks[kind]
+        w = words(rng.randint(2, 4))
+        records.append({"instruction": instruction, "input": make_input(w), "output": make_output(w)})
+    return records
+
+
+def _write_demo_dataset(folder: Path) -> None:
+    (folder / "train.json").write_text(json.dumps(demo_records(2000, seed=0), indent=1))
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _train_tokenizer(folder: Path, special: list[str], **roles: str) -> None:
+    """A byte-level BPE trained on the demo prompts: any text encodes, demo words are single tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from qlora_cli.data.formats import FORMATS
+
+    alpaca = FORMATS["alpaca"]
+    texts = [" ".join(alpaca.to_example(r)) for r in demo_records(2000, seed=1)]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(texts * 4, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=512, **roles).save_pretrained(folder)
+
+
+def _build_tiny_llama(folder: Path) -> None:
+    """LLaMA architecture, random init; every linear dimension divisible by the 4-bit block size (64)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    _train_tokenizer(folder, ["<unk>", "<s>", "</s>"], unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+
+
+def _build_tiny_t5(folder: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    _train_tokenizer(folder, ["<pad>", "</s>", "<unk>"], pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=128,
+        d_ff=256,
+        d_kv=32,
+        num_layers=2,
+        num_heads=4,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(config).save_pretrained(folder)

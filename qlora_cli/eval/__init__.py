@@ -1,0 +1,1 @@
+"""Evaluations: exact match on held-out examples, MMLU."""

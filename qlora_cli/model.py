@@ -1,0 +1,203 @@
+"""Load a base model (quantized the QLoRA way) and its tokenizer, and put LoRA on every linear layer."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from qlora_cli.config import LoraConfig, ModelConfig, QuantizationConfig
+from qlora_cli.demo import resolve_builtin_model
+from qlora_cli.errors import QloraError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def device_for_process() -> str:
+    """Each process owns one device: its local rank's GPU, or the CPU."""
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+def resolve_compute_dtype(name: str, device: str | None = None) -> torch.dtype:
+    """`auto`: bf16 where the GPU has it, fp16 on older GPUs, fp32 on the CPU (bf16 there is ~60x slower)."""
+    device = device or device_for_process()
+    on_gpu = device.startswith("cuda")
+    if name == "auto":
+        if not on_gpu:
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name == "bf16" and on_gpu and not torch.cuda.is_bf16_supported():
+        raise QloraError(
+            "quantization.compute_dtype=bf16 but this GPU has no bf16: use fp16 (as the paper did on such GPUs) "
+            "or fp32"
+        )
+    return DTYPES[name]
+
+
+def is_seq2seq(model_config: Any) -> bool:
+    return bool(getattr(model_config, "is_encoder_decoder", False))
+
+
+def bnb_config(quant: QuantizationConfig, compute_dtype: torch.dtype, *, fsdp: bool = False) -> Any | None:
+    """The paper's BitsAndBytesConfig: NF4, double quantization, compute in `compute_dtype`.
+
+    FSDP shards the packed 4-bit weights with everything else, so their storage dtype must equal the
+    compute dtype; `quant_storage: auto` takes care of that.
+    """
+    from transformers import BitsAndBytesConfig
+
+    if quant.bits == 16:
+        return None
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quant.quant_storage == "auto":
+        storage = compute_dtype if fsdp else torch.uint8
+    else:
+        storage = {"uint8": torch.uint8, **DTYPES}[quant.quant_storage]
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=storage,
+    )
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    seq2seq: bool
+    compute_dtype: torch.dtype
+    source: str  # the resolved folder or hub id
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    name = resolve_builtin_model(cfg.tokenizer or cfg.name_or_path)
+    tokenizer = _from_pretrained(
+        AutoTokenizer.from_pretrained, name, "tokenizer", revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    )
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_model(
+    cfg: ModelConfig, quant: QuantizationConfig, *, device: str | None = None, gradient_checkpointing: bool = False
+) -> LoadedModel:
+    """Quantized while loading, shard by shard: the full-precision model is never materialized."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    device = device or device_for_process()
+    source = resolve_builtin_model(cfg.name_or_path)
+    compute_dtype = resolve_compute_dtype(quant.compute_dtype, device)
+    common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    model_config = _from_pretrained(AutoConfig.from_pretrained, source, "model", **common)
+    seq2seq = is_seq2seq(model_config)
+    auto_class = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    kwargs: dict[str, Any] = {
+        **common,
+        "dtype": compute_dtype,
+        "device_map": {"": device},
+        "quantization_config": bnb_config(quant, compute_dtype),
+    }
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    model = _from_pretrained(auto_class.from_pretrained, source, "model", **kwargs)
+    tokenizer = load_tokenizer(cfg)
+    ensure_pad_token(tokenizer, model)
+    if quant.bits in (4, 8):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return LoadedModel(model, tokenizer, seq2seq, compute_dtype, source)
+
+
+def ensure_pad_token(tokenizer: Any, model: Any) -> None:
+    """Reuse `unk` as padding when there is one (no resize); otherwise add `<pad>` and resize embeddings."""
+    if tokenizer.pad_token is not None:
+        return
+    if tokenizer.unk_token is not None and tokenizer.unk_token != tokenizer.eos_token:
+        tokenizer.pad_token = tokenizer.unk_token
+    else:
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def linear_module_names(model: Any) -> list[str]:
+    """Leaf names of every linear layer (16-bit or bitsandbytes 4/8-bit) except the output head."""
+    import bitsandbytes as bnb
+
+    linear_types = (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    head = model.get_output_embeddings()
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, linear_types) and module is not head
+    }
+    head_names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module is head}
+    return sorted(names - head_names)
+
+
+def add_lora(model: Any, cfg: LoraConfig, *, seq2seq: bool) -> Any:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import TaskType, get_peft_model
+
+    targets = linear_module_names(model) if cfg.target_modules == "all-linear" else cfg.target_modules
+    if not targets:
+        raise QloraError("found no linear layers to put LoRA on; set lora.target_modules explicitly")
+    peft_config = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        bias=cfg.bias,
+        task_type=TaskType.SEQ_2_SEQ_LM if seq2seq else TaskType.CAUSAL_LM,
+    )
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as exc:
+        raise QloraError(f"lora.target_modules: {exc}") from None
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total), counting a packed 4-bit tensor by the parameters it stores."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if hasattr(param, "quant_state") or param.dtype == torch.uint8:
+            n *= 2
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def _from_pretrained(loader: Any, name: str, what: str, **kwargs: Any) -> Any:
+    """Turn the hub's many not-found and offline errors into one clear line with the local-path hint."""
+    try:
+        return loader(name, **kwargs)
+    except (OSError, ValueError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if os.path.isdir(name):
+            raise QloraError(f"cannot load {what} from {name}: {message}") from None
+        if "/" in name and not os.path.exists(name):
+            raise QloraError(
+                f"cannot load {what} {name!r} from the Hugging Face hub ({message}). "
+                "If you are offline, download it once and pass its local folder instead."
+            ) from None
+        raise QloraError(f"{what} not found: {name!r} is neither a local folder nor a hub id ({message})") from None

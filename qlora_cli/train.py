@@ -1,0 +1,244 @@
+"""`qlora train`: recipe -> quantized model + LoRA + data -> Hugging Face Trainer -> PEFT artifacts."""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    ProgressCallback,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+
+from qlora_cli.config import Recipe
+from qlora_cli.data import PaddingCollator, PreparedData, prepare_data
+from qlora_cli.errors import QloraError
+from qlora_cli.model import LoadedModel, add_lora, count_parameters, load_model
+
+COMPLETED = "completed"
+RECIPE_FILE = "recipe.yaml"
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    metrics: dict[str, Any]
+    losses: list[tuple[int, float]] = field(default_factory=list)
+
+
+def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> TrainResult:
+    out = Path(recipe.output_dir)
+    prepare_output_dir(out, overwrite=overwrite, resume=resume)
+    set_seed(recipe.training.seed)
+    loaded = load_model(
+        recipe.model, recipe.quantization, gradient_checkpointing=recipe.training.gradient_checkpointing
+    )
+    model = add_lora(loaded.model, recipe.lora, seq2seq=loaded.seq2seq) if recipe.lora.enabled else loaded.model
+    data = prepare_data(recipe.data, loaded.tokenizer, seq2seq=loaded.seq2seq, seed=recipe.training.seed)
+    trainer = build_trainer(recipe, loaded, model, data)
+    is_main = trainer.is_world_process_zero()
+    if is_main:
+        _announce(recipe, model, data)
+        (out / RECIPE_FILE).write_text(recipe.to_yaml())
+
+    held_out = _held_out(recipe, data)
+    before = _exact_match(recipe, loaded, model, held_out) if held_out else None
+
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    runtime = time.perf_counter() - started
+
+    metrics = _metrics(trainer, model, runtime)
+    if held_out:
+        metrics["exact_match_before"] = before
+        metrics["exact_match_after"] = _exact_match(recipe, loaded, model, held_out)
+        metrics["exact_match_samples"] = len(held_out[0])
+    if is_main:
+        model.save_pretrained(out)
+        loaded.tokenizer.save_pretrained(out)
+        (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        (out / COMPLETED).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
+    losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
+    return TrainResult(out, metrics, losses)
+
+
+def prepare_output_dir(out: Path, *, overwrite: bool, resume: bool) -> None:
+    """Never clobber a finished run or a folder that is not ours."""
+    if out.exists() and any(out.iterdir()):
+        is_run = (out / RECIPE_FILE).exists()
+        if not is_run:
+            raise QloraError(f"output_dir {out} exists and is not a qlora run folder: choose another output_dir")
+        if overwrite:
+            shutil.rmtree(out)
+        elif (out / COMPLETED).exists():
+            raise QloraError(f"output_dir {out} holds a completed run: pass --overwrite to replace it")
+        elif not resume and any(out.glob("checkpoint-*")):
+            raise QloraError(
+                f"output_dir {out} holds checkpoints of an unfinished run: pass --resume to continue it "
+                "or --overwrite to start over"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def training_arguments(recipe: Recipe, compute_dtype: torch.dtype, *, seq2seq: bool, has_eval: bool) -> Any:
+    t = recipe.training
+    on_gpu = torch.cuda.is_available()
+    evaluate = has_eval and t.eval_steps is not None
+    args_class = Seq2SeqTrainingArguments if seq2seq else TrainingArguments
+    return args_class(
+        output_dir=recipe.output_dir,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float below 1 is a ratio of max_steps
+        max_steps=t.max_steps,
+        optim=t.optim,
+        max_grad_norm=t.max_grad_norm,
+        adam_beta2=t.adam_beta2,
+        weight_decay=t.weight_decay,
+        gradient_checkpointing=False,  # enabled (non-reentrant) when the model was loaded
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=t.eval_steps if evaluate else None,
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to=t.report_to,
+        bf16=on_gpu and compute_dtype == torch.bfloat16,
+        fp16=on_gpu and compute_dtype == torch.float16,
+        use_cpu=not on_gpu,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        ddp_find_unused_parameters=False,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_pin_memory=on_gpu,
+        deepspeed=t.deepspeed,
+    )
+
+
+def build_trainer(recipe: Recipe, loaded: LoadedModel, model: Any, data: PreparedData) -> Any:
+    args = training_arguments(recipe, loaded.compute_dtype, seq2seq=loaded.seq2seq, has_eval=data.eval is not None)
+    trainer_class = Seq2SeqTrainer if loaded.seq2seq else Trainer
+    trainer = trainer_class(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval if args.eval_strategy != "no" else None,
+        data_collator=PaddingCollator(loaded.tokenizer.pad_token_id),
+        processing_class=loaded.tokenizer,
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(TrainingProgress())
+    return trainer
+
+
+class TrainingProgress(TrainerCallback):
+    """One progress bar with loss, learning rate and non-padding tokens/s, instead of printed log dicts."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+        self._last: tuple[float, int] = (0.0, 0)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="Training", dynamic_ncols=True)
+            self._last = (time.perf_counter(), state.num_input_tokens_seen)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if self.bar is None or not logs or "loss" not in logs:
+            return
+        now, tokens = time.perf_counter(), state.num_input_tokens_seen
+        rate = (tokens - self._last[1]) / max(now - self._last[0], 1e-9)
+        self._last = (now, tokens)
+        self.bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}", tok_s=f"{rate:.0f}")
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kwargs: Any) -> None:
+        if self.bar is not None and metrics and "eval_loss" in metrics:
+            self.bar.write(f"step {state.global_step}: eval_loss {metrics['eval_loss']:.4f}")
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def peak_memory_bytes() -> int:
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return usage if sys.platform == "darwin" else usage * 1024
+
+
+def _metrics(trainer: Any, model: Any, runtime: float) -> dict[str, Any]:
+    state = trainer.state
+    losses = [e["loss"] for e in state.log_history if "loss" in e]
+    train_loss = next((e["train_loss"] for e in reversed(state.log_history) if "train_loss" in e), None)
+    trainable, total = count_parameters(model)
+    return {
+        "train_loss": train_loss,
+        "final_logged_loss": losses[-1] if losses else None,
+        "steps": state.global_step,
+        "runtime_s": round(runtime, 2),
+        "tokens": state.num_input_tokens_seen,
+        "tokens_per_s": round(state.num_input_tokens_seen / max(runtime, 1e-9), 1),
+        "peak_memory_bytes": peak_memory_bytes(),
+        "peak_memory_kind": "cuda_max_allocated" if torch.cuda.is_available() else "process_peak_rss",
+        "trainable_params": trainable,
+        "total_params": total,
+    }
+
+
+def _held_out(recipe: Recipe, data: PreparedData) -> tuple[list[str], list[str]] | None:
+    n = recipe.eval.exact_match_samples
+    if not n or data.eval is None:
+        return None
+    subset = data.eval.select(range(min(n, len(data.eval))))
+    return subset["source"], subset["target"]
+
+
+def _exact_match(recipe: Recipe, loaded: LoadedModel, model: Any, held_out: tuple[list[str], list[str]]) -> float:
+    from qlora_cli.eval.exact_match import exact_match
+
+    sources, targets = held_out
+    return exact_match(
+        model, loaded.tokenizer, sources, targets, seq2seq=loaded.seq2seq, max_new_tokens=recipe.eval.max_new_tokens
+    )
+
+
+def _announce(recipe: Recipe, model: Any, data: PreparedData) -> None:
+    trainable, total = count_parameters(model)
+    q = recipe.quantization
+    base = f"{q.bits}-bit" + (f" {q.quant_type}{' + double quant' if q.double_quant else ''}" if q.bits == 4 else "")
+    print(
+        f"Model {recipe.model.name_or_path} ({base}); trainable {trainable:,} of {total:,} parameters "
+        f"({100 * trainable / max(total, 1):.2f}%)",
+        file=sys.stderr,
+    )
+    eval_n = len(data.eval) if data.eval is not None else 0
+    skipped = sum(data.skipped.values())
+    note = f"; skipped {skipped} ({', '.join(f'{n} {r}' for r, n in data.skipped.most_common())})" if skipped else ""
+    print(f"Data {recipe.data.dataset}: {len(data.train):,} train, {eval_n:,} eval examples{note}", file=sys.stderr)
