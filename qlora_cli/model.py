@@ -88,7 +88,12 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
 
 
 def load_model(
-    cfg: ModelConfig, quant: QuantizationConfig, *, device: str | None = None, gradient_checkpointing: bool = False
+    cfg: ModelConfig,
+    quant: QuantizationConfig,
+    *,
+    device: str | None = None,
+    gradient_checkpointing: bool = False,
+    for_training: bool = True,
 ) -> LoadedModel:
     """Quantized while loading, shard by shard: the full-precision model is never materialized."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
@@ -111,7 +116,9 @@ def load_model(
     model = _from_pretrained(auto_class.from_pretrained, source, "model", **kwargs)
     tokenizer = load_tokenizer(cfg)
     ensure_pad_token(tokenizer, model)
-    if quant.bits in (4, 8):
+    if not for_training:
+        model.eval()
+    elif quant.bits in (4, 8):
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
@@ -123,6 +130,21 @@ def load_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return LoadedModel(model, tokenizer, seq2seq, compute_dtype, source)
+
+
+def load_for_inference(
+    cfg: ModelConfig, quant: QuantizationConfig, adapter: str | os.PathLike | None = None, *, device: str | None = None
+) -> LoadedModel:
+    """Base (quantized as recipe says) plus an optional trained adapter, in eval mode."""
+    loaded = load_model(cfg, quant, device=device, for_training=False)
+    if adapter is not None:
+        from peft import PeftModel
+
+        if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+            raise QloraError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
+        loaded.model = PeftModel.from_pretrained(loaded.model, str(adapter), is_trainable=False)
+        loaded.model.eval()
+    return loaded
 
 
 def ensure_pad_token(tokenizer: Any, model: Any) -> None:
