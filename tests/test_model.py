@@ -1,0 +1,97 @@
+import pytest
+import torch
+
+from qlora_cli.config import LoraConfig, ModelConfig, QuantizationConfig
+from qlora_cli.errors import QloraError
+from qlora_cli.model import (
+    add_lora,
+    bnb_config,
+    ensure_pad_token,
+    linear_module_names,
+    load_model,
+    load_tokenizer,
+    resolve_compute_dtype,
+)
+
+
+def test_auto_compute_dtype_is_fp32_on_the_cpu():
+    assert resolve_compute_dtype("auto", "cpu") == torch.float32
+    assert resolve_compute_dtype("bf16", "cpu") == torch.bfloat16
+
+
+def test_bnb_config_is_the_papers_by_default():
+    cfg = bnb_config(QuantizationConfig(), torch.bfloat16)
+    assert cfg.load_in_4bit and not cfg.load_in_8bit
+    assert cfg.bnb_4bit_quant_type == "nf4"
+    assert cfg.bnb_4bit_use_double_quant is True
+    assert cfg.bnb_4bit_compute_dtype == torch.bfloat16
+    assert cfg.bnb_4bit_quant_storage == torch.uint8
+
+
+def test_bnb_config_variants():
+    fp4 = bnb_config(QuantizationConfig(quant_type="fp4", double_quant=False), torch.float32)
+    assert fp4.bnb_4bit_quant_type == "fp4" and fp4.bnb_4bit_use_double_quant is False
+    assert bnb_config(QuantizationConfig(bits=8), torch.float32).load_in_8bit
+    assert bnb_config(QuantizationConfig(bits=16), torch.float32) is None
+    fsdp = bnb_config(QuantizationConfig(), torch.bfloat16, fsdp=True)
+    assert fsdp.bnb_4bit_quant_storage == torch.bfloat16
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_4bit():
+    return load_model(ModelConfig(name_or_path="builtin:tiny-llama"), QuantizationConfig(), gradient_checkpointing=True)
+
+
+def test_linear_layers_found_by_inspection_exclude_the_head(tiny_llama_4bit):
+    names = linear_module_names(tiny_llama_4bit.model)
+    assert names == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert "lm_head" not in names
+
+
+def test_lora_wraps_every_linear_layer_but_the_head(tiny_llama_4bit):
+    import bitsandbytes as bnb
+
+    model = add_lora(tiny_llama_4bit.model, LoraConfig(r=8), seq2seq=False)
+    quantized = [name for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)]
+    assert len(quantized) == 4 * 7
+    assert all(name.endswith(".base_layer") for name in quantized)
+    assert all(hasattr(model.get_submodule(name.removesuffix(".base_layer")), "lora_A") for name in quantized)
+    assert not hasattr(model.get_output_embeddings(), "lora_A")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_tokenizer_without_pad_reuses_unk_without_resizing(tiny_llama_4bit):
+    tokenizer = tiny_llama_4bit.tokenizer
+    assert tokenizer.pad_token == tokenizer.unk_token
+    assert tiny_llama_4bit.model.get_input_embeddings().num_embeddings == len(tokenizer)
+
+
+def test_tokenizer_without_pad_or_unk_gets_a_new_token_and_resized_embeddings():
+    tokenizer = load_tokenizer(ModelConfig(name_or_path="builtin:tiny-llama"))
+    tokenizer.pad_token = None
+    tokenizer.unk_token = None
+    model = load_model(
+        ModelConfig(name_or_path="builtin:tiny-llama"), QuantizationConfig(bits=16), for_training=False
+    ).model
+    before = model.get_input_embeddings().num_embeddings
+    ensure_pad_token(tokenizer, model)
+    assert tokenizer.pad_token == "<pad>"
+    assert model.get_input_embeddings().num_embeddings == before + 1 == len(tokenizer)
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+
+
+def test_sixteen_bit_loads_plain_linear_layers():
+    loaded = load_model(ModelConfig(name_or_path="builtin:tiny-llama"), QuantizationConfig(bits=16), for_training=False)
+    q_proj = loaded.model.model.layers[0].self_attn.q_proj
+    assert type(q_proj) is torch.nn.Linear and q_proj.weight.dtype == torch.float32
+
+
+def test_hub_id_offline_says_so_and_suggests_a_local_path():
+    with pytest.raises(QloraError, match="local folder"):
+        load_model(ModelConfig(name_or_path="no-such-org/no-such-model"), QuantizationConfig())
+
+
+def test_missing_local_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(QloraError, match="not found|cannot load"):
+        load_model(ModelConfig(name_or_path=str(tmp_path / "absent")), QuantizationConfig())

@@ -1,0 +1,96 @@
+"""End to end: the real `qlora train` CLI on tiny LLaMA and T5 models, then the artifacts it leaves."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from tests.conftest import REPO, run_cli
+
+DEMO = str(REPO / "configs" / "demo.yaml")
+QUICK = [
+    "training.max_steps=4",
+    "training.batch_size=4",
+    "training.save_steps=2",
+    "training.logging_steps=1",
+    "data.eval_size=8",
+    "data.max_train_samples=64",
+    "eval.exact_match_samples=0",
+]
+
+
+def train(output_dir, *extra):
+    result = run_cli("train", "--config", DEMO, f"output_dir={output_dir}", *QUICK, *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module", params=["builtin:tiny-llama", "builtin:tiny-t5"])
+def run(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    result = train(out, f"model.name_or_path={request.param}")
+    return request.param, out, result
+
+
+def test_output_layout(run):
+    _, out, result = run
+    for name in ["adapter_config.json", "adapter_model.safetensors", "recipe.yaml", "metrics.json", "completed"]:
+        assert (out / name).is_file(), name
+    assert (out / "tokenizer_config.json").is_file()
+    checkpoints = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-2", "checkpoint-4"]
+    assert (out / "checkpoint-4" / "adapter_model.safetensors").is_file()
+    assert not list((out / "checkpoint-4").glob("model*.safetensors")), "checkpoints must hold the adapter only"
+    assert "Adapter saved to" in result.stdout
+
+
+def test_metrics_are_finite_and_complete(run):
+    metrics = json.loads((run[1] / "metrics.json").read_text())
+    assert metrics["steps"] == 4
+    assert math.isfinite(metrics["train_loss"]) and metrics["train_loss"] > 0
+    assert metrics["tokens_per_s"] > 0 and metrics["peak_memory_bytes"] > 0
+    assert 0 < metrics["trainable_params"] < metrics["total_params"]
+
+
+def test_recipe_written_is_the_resolved_one(run):
+    from qlora_cli.config import load_recipe
+
+    recipe = load_recipe(run[1] / "recipe.yaml")
+    assert recipe.training.max_steps == 4 and recipe.model.name_or_path == run[0]
+
+
+def test_adapter_loads_on_the_nf4_base_and_changes_the_output(run):
+    import bitsandbytes as bnb
+    from peft import PeftModel
+
+    from qlora_cli.config import ModelConfig, QuantizationConfig
+    from qlora_cli.model import load_model
+
+    name, out, _ = run
+    loaded = load_model(ModelConfig(name_or_path=name), QuantizationConfig(), for_training=False)
+    model = PeftModel.from_pretrained(loaded.model, str(out))
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert quantized
+    for layer_name, layer in quantized.items():
+        assert layer.weight.quant_type == "nf4"
+        assert layer.weight.quant_state.nested, f"{layer_name} lacks double quantization"
+        assert hasattr(model.get_submodule(layer_name.removesuffix(".base_layer")), "lora_A")
+    assert not hasattr(model.get_output_embeddings(), "lora_A")
+
+    batch = loaded.tokenizer(["Repeat the words. apple river"], return_tensors="pt")
+    kwargs = {"decoder_input_ids": torch.zeros((1, 1), dtype=torch.long)} if loaded.seq2seq else {}
+    with torch.no_grad():
+        adapted = model(**batch, **kwargs).logits
+        with model.disable_adapter():
+            base = model(**batch, **kwargs).logits
+    assert torch.isfinite(adapted).all()
+    assert (adapted - base).abs().max() > 1e-4
+
+
+def test_a_completed_run_is_not_overwritten_without_the_flag(run):
+    out = run[1]
+    refused = run_cli("train", "--config", DEMO, f"output_dir={out}", *QUICK)
+    assert refused.returncode == 2
+    assert "--overwrite" in refused.stderr and "Traceback" not in refused.stderr
+    assert (out / "completed").is_file()
