@@ -112,19 +112,19 @@ def local_files(cfg: DataConfig) -> tuple[list[str], list[str]]:
 
 
 def _folder_splits(folder: Path) -> tuple[list[str], list[str]]:
-    """Split files by name the way `datasets` does (train*, validation*/dev*, test*/eval*)."""
+    """Files named for a validation (else test) split, the way `datasets` names them, are held out."""
     from datasets.data_files import DataFilesDict, get_data_patterns
 
-    try:
-        resolved = DataFilesDict.from_patterns(get_data_patterns(str(folder)), base_path=str(folder))
-    except FileNotFoundError:
-        resolved = DataFilesDict()
-    splits = {str(name): sorted(f for f in files if _suffix(Path(f)) in _BUILDERS) for name, files in resolved.items()}
-    if not any(splits.values()):
+    folder = folder.resolve()
+    files = sorted(str(p) for p in folder.rglob("*") if p.is_file() and _suffix(p) in _BUILDERS)
+    if not files:
         raise QloraError(f"data.path {folder} holds no json, jsonl, jsonl.gz, csv or parquet file")
-    if not splits.get("train"):
-        return sorted(f for files in splits.values() for f in files), []
-    return splits["train"], splits.get("validation") or splits.get("test") or []
+    named = DataFilesDict.from_patterns(get_data_patterns(str(folder)), base_path=str(folder))
+    validation, test = set(named.get("validation", [])), set(named.get("test", []))
+    train = [f for f in files if f not in validation | test]
+    if not train:  # e.g. a folder of test files only: that is what there is to train on
+        return files, []
+    return train, sorted((validation or test) & set(files))
 
 
 def _read_local(files: list[str]) -> Any:
@@ -141,6 +141,11 @@ def _read_local(files: list[str]) -> Any:
             for f in files:
                 if problem := json_problem(f):
                     raise QloraError(problem) from None
+        if "column names don't match" in str(_root(exc)):
+            raise QloraError(
+                f"{', '.join(files)}: these files have different columns and cannot be read as one dataset; "
+                "list only files of one schema in data.data_files"
+            ) from None
         raise QloraError(f"cannot read {', '.join(files)}: {_root_cause(exc)}") from None
 
 
@@ -219,7 +224,12 @@ def _describe_source(cfg: DataConfig, fmt: DatasetFormat) -> str:
     return cfg.path or ", ".join(cfg.data_files or []) or cfg.hub_id or fmt.hub_id or fmt.name
 
 
-def _root_cause(exc: BaseException) -> str:
+def _root(exc: BaseException) -> BaseException:
     while exc.__cause__ is not None or exc.__context__ is not None:
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return exc
+
+
+def _root_cause(exc: BaseException) -> str:
+    root = _root(exc)
+    return str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
