@@ -134,6 +134,8 @@ def _read_local(files: list[str]) -> Any:
     if len(builders) > 1:
         raise QloraError(f"cannot mix file types in one split: {', '.join(files)}")
     builder = builders.pop()
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # it logs parse errors that we report below
     try:
         return datasets.load_dataset(builder, data_files={"train": files}, split="train")
     except Exception as exc:  # datasets wraps parse errors in several exception types
@@ -147,6 +149,8 @@ def _read_local(files: list[str]) -> Any:
                 "list only files of one schema in data.data_files"
             ) from None
         raise QloraError(f"cannot read {', '.join(files)}: {_root_cause(exc)}") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
 
 
 def json_problem(file: str) -> str | None:
