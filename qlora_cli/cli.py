@@ -21,7 +21,7 @@ config_app = typer.Typer(help="Show or check recipes.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 data_app = typer.Typer(help="The dataset registry, and a recipe's data as training will see it.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-recipes_app = typer.Typer(help="List the bundled recipes (no command) or copy one to edit.", invoke_without_command=True)
+recipes_app = typer.Typer(help="List the bundled recipes, or copy one to edit.", invoke_without_command=True)
 app.add_typer(recipes_app, name="recipes")
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Recipe YAML file.", show_default=False)]

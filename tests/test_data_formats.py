@@ -18,7 +18,8 @@ ALPACA_NO_INPUT = (
 )
 
 CASES = [
-    ("alpaca", {"instruction": "Name the capital.", "input": "France", "output": "Paris"}, [(ALPACA_WITH_INPUT, "Paris")]),
+    ("alpaca", {"instruction": "Name the capital.", "input": "France", "output": "Paris"},
+     [(ALPACA_WITH_INPUT, "Paris")]),
     ("alpaca", {"instruction": "Name a fruit.", "input": "", "output": "A pear."}, [(ALPACA_NO_INPUT, "A pear.")]),
     (
         "oasst1",
@@ -104,7 +105,8 @@ CASES = [
     ),
     (
         "flan-v2",
-        {"question": "Is 7 prime?", "answer": "yes", "chain_of_thought": "7 has no divisors but 1 and 7.", "source_file": "x"},
+        {"question": "Is 7 prime?", "answer": "yes", "chain_of_thought": "7 has no divisors but 1 and 7.",
+         "source_file": "cot/aqua_train.tsv"},
         [
             (
                 "Question: Is 7 prime? Think carefully first, then make a decision:",
@@ -114,7 +116,10 @@ CASES = [
     ),
     (
         "chip2",
-        {"text": "<human>: What is the boiling point of water?\n<bot>: 100 degrees Celsius.", "metadata": {"source": "x"}},
+        {
+            "text": "<human>: What is the boiling point of water?\n<bot>: 100 degrees Celsius.",
+            "metadata": {"source": "unified_chip2"},
+        },
         [("What is the boiling point of water?", "100 degrees Celsius.")],
     ),
     (
@@ -137,9 +142,16 @@ def test_native_record_gives_paper_source_and_target(name, record, expected):
 def test_every_paper_dataset_is_registered_with_a_hub_copy():
     paper = ["oasst1", "hh-rlhf", "alpaca", "self-instruct", "unnatural-instructions", "flan-v2", "chip2", "longform"]
     assert all(FORMATS[name].hub_id for name in paper)
-    assert (FORMATS["self-instruct"].hub_id, FORMATS["self-instruct"].hub_config) == ("yizhongw/self_instruct", "self_instruct")
+    self_instruct = FORMATS["self-instruct"]
+    assert (self_instruct.hub_id, self_instruct.hub_config) == ("yizhongw/self_instruct", "self_instruct")
     assert (FORMATS["chip2"].hub_id, FORMATS["chip2"].hub_data_files) == ("laion/OIG", "unified_chip2.jsonl")
     assert FORMATS["hh-rlhf"].eval_split == "test" and FORMATS["oasst1"].eval_split == "test"
+
+
+def test_instances_stored_as_a_sequence_of_structs_read_the_same():
+    """`datasets` hands a Sequence({...}) column over as a dict of lists, as some hub copies store instances."""
+    record = {"instruction": "x", "instances": {"instruction_with_input": ["a", "b"], "output": ["A", "B"]}}
+    assert FORMATS["unnatural-instructions"].examples(record) == [Example("a", "A"), Example("b", "B")]
 
 
 @pytest.mark.parametrize(
@@ -212,7 +224,8 @@ def test_messages_without_a_chat_template_use_the_guanaco_layout(tokenizer):
 
 
 def test_messages_strip_the_bos_and_eos_that_tokenization_adds(tokenizer):
-    tokenizer.chat_template = "{{ bos_token }}" + CHATML.replace("<|im_end|>\n{% endfor %}", "{{ eos_token }}{% endfor %}")
+    ends_with_eos = CHATML.replace("<|im_end|>\n{% endfor %}", "{{ eos_token }}{% endfor %}")
+    tokenizer.chat_template = "{{ bos_token }}" + ends_with_eos
     try:
         examples = FORMATS["messages"].for_tokenizer(tokenizer).examples({"messages": CONVERSATION["messages"][1:3]})
     finally:

@@ -58,7 +58,8 @@ def test_unformattable_records_are_counted_and_skipped(tmp_path, tokenizer):
 
 def test_records_holding_several_instances_give_one_example_each(tmp_path, tokenizer):
     task = {"instruction": "Sort.", "instances": [{"input": "2 1", "output": "1 2"}, {"input": "b a", "output": "a b"}]}
-    data = prepare(tokenizer, dataset="self-instruct", path=str(write_jsonl(tmp_path / "seed.jsonl", [task] * 3)), eval_size=0)
+    path = write_jsonl(tmp_path / "seed.jsonl", [task] * 3)
+    data = prepare(tokenizer, dataset="self-instruct", path=str(path), eval_size=0)
     assert data.train["source"][:2] == ["Sort.\nInput: 2 1\nOutput:", "Sort.\nInput: b a\nOutput:"]
     assert len(data.train) == 6
 
@@ -103,7 +104,8 @@ def test_empty_and_missing_files_are_named(tmp_path):
 
 
 def test_a_folder_holds_out_its_validation_files(tmp_path):
-    for name in ["train.jsonl", "extra.jsonl", "validation.jsonl", "test.jsonl"]:
+    (tmp_path / ".cache").mkdir()  # a hub snapshot's download metadata is not data
+    for name in ["train.jsonl", "extra.jsonl", "validation.jsonl", "test.jsonl", ".cache/meta.json"]:
         write_jsonl(tmp_path / name, RECORDS)
     train, held_out = local_files(DataConfig(path=str(tmp_path)))
     assert [Path(f).name for f in train] == ["extra.jsonl", "train.jsonl"]

@@ -8,10 +8,11 @@ from tests.conftest import REPO, run_cli
 from tests.data_fixtures import write_jsonl
 
 DEMO = str(REPO / "configs" / "demo.yaml")
+SMALL = ("data.eval_size=8", "data.max_train_samples=16")
 
 
 def test_preview_json_prints_one_object_per_example(tmp_path):
-    result = run_cli("data", "preview", "--config", DEMO, "--num", "3", "--json", "data.eval_size=8", "data.max_train_samples=16")
+    result = run_cli("data", "preview", "--config", DEMO, "--num", "3", "--json", *SMALL)
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(rows) == 3
@@ -23,16 +24,17 @@ def test_preview_json_prints_one_object_per_example(tmp_path):
 
 
 def test_preview_marks_masked_and_trained_parts_and_counts_truncation(cli):
-    code, out, _ = cli("data", "preview", "-c", DEMO, "-n", "1", "data.eval_size=8", "data.max_train_samples=16", "data.target_max_len=1")
+    code, out, _ = cli("data", "preview", "-c", DEMO, "-n", "1", *SMALL, "data.target_max_len=1")
     assert code == 0
     lines = out.splitlines()
     assert "truncated, 0 skipped" in lines[0] and not lines[0].split(": ")[1].startswith("0 truncated")
     header = next(line for line in lines if line.startswith("── example 1"))
     assert "(masked)" in header and "target 1 tokens (trained), truncated" in header
-    assert next(line for line in lines if "masked │" in line).endswith("│ <s>Below is an instruction that describes a task, "
-                                                                        "paired with an input that provides further "
-                                                                        "context. Write a response that appropriately "
-                                                                        "completes the request.")
+    first_masked = next(line for line in lines if "masked │" in line)
+    assert first_masked == (
+        " masked │ <s>Below is an instruction that describes a task, paired with an input that provides further "
+        "context. Write a response that appropriately completes the request."
+    )
     trained = next(line for line in lines if "trained │" in line)
     assert "</s>" not in trained  # the EOS was cut with the rest of the target
 
@@ -50,7 +52,7 @@ def test_preview_of_a_chat_file_masks_all_but_the_assistant_reply(cli, tmp_path)
 
 
 def test_preview_with_train_on_source_marks_the_source_trained(cli):
-    code, out, _ = cli("data", "preview", "-c", DEMO, "-n", "1", "data.eval_size=8", "data.max_train_samples=16", "data.train_on_source=true")
+    code, out, _ = cli("data", "preview", "-c", DEMO, "-n", "1", *SMALL, "data.train_on_source=true")
     assert code == 0
     assert "loss on source and target" in out and "tokens (trained), target" in out and "(masked)" not in out
 

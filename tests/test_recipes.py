@@ -52,10 +52,12 @@ def test_recipe_has_the_paper_numbers(prefix, size):
     batch, steps = EXCEPTIONS.get(f"{prefix}-{size}", (batch, steps))
     t = recipe.training
     assert recipe.model.name_or_path == model
-    assert (recipe.data.dataset, recipe.data.source_max_len, recipe.data.target_max_len) == (dataset, source_len, target_len)
+    data = recipe.data
+    assert (data.dataset, data.source_max_len, data.target_max_len) == (dataset, source_len, target_len)
     assert (t.effective_batch_size, t.learning_rate, t.max_steps) == (batch, lr, steps)
-    assert (recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout, recipe.lora.target_modules) == (64, 16, dropout, "all-linear")
-    assert (recipe.quantization.bits, recipe.quantization.quant_type, recipe.quantization.double_quant) == (4, "nf4", True)
+    lora, quant = recipe.lora, recipe.quantization
+    assert (lora.r, lora.alpha, lora.dropout, lora.target_modules) == (64, 16, dropout, "all-linear")
+    assert (quant.bits, quant.quant_type, quant.double_quant) == (4, "nf4", True)
     assert (t.optim, t.lr_scheduler, t.max_grad_norm, t.warmup_ratio) == ("paged_adamw_32bit", "constant", 0.3, 0.03)
     assert recipe.output_dir == f"runs/{prefix}-{size}"
 
@@ -68,11 +70,12 @@ def test_model_id_is_overridable():
 def test_recipes_command_lists_every_recipe_with_its_numbers(cli):
     code, out, _ = cli("recipes")
     assert code == 0
-    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:] if line.strip() and not line.startswith("BATCH")}
+    table = [line.split() for line in out.splitlines()[1:] if line.strip() and not line.startswith("BATCH")]
+    rows = {cells[0]: cells for cells in table}
     assert set(rows) == {p.stem for p in RECIPES_DIR.glob("*.yaml")}
     assert rows["guanaco-33b"][:7] == ["guanaco-33b", "oasst1", "33B", "16", "0.0001", "1875", "16/512"]
     assert rows["longform-65b"][:7] == ["longform-65b", "longform", "65B", "32", "0.0001", "2343", "512/1024"]
-    assert [name for name in rows if name.startswith("alpaca-")] == ["alpaca-7b", "alpaca-13b", "alpaca-33b", "alpaca-65b"]
+    assert [name for name in rows if name.startswith("alpaca-")] == [f"alpaca-{size}" for size in SIZES]
 
 
 def test_copy_writes_a_standalone_recipe_equal_to_the_bundled_one(cli, tmp_path):

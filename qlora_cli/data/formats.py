@@ -64,6 +64,8 @@ def non_empty(target: str) -> str:
 
 def items(record: dict[str, Any], name: str) -> list[dict[str, Any]]:
     value = record.get(name)
+    if isinstance(value, dict):  # a datasets Sequence of structs arrives as a dict of lists
+        value = [dict(zip(value, row)) for row in zip(*value.values())]
     if not isinstance(value, list) or not value:
         raise SkipRecord(f"missing field {name!r}")
     if not all(isinstance(item, dict) for item in value):

@@ -116,7 +116,11 @@ def _folder_splits(folder: Path) -> tuple[list[str], list[str]]:
     from datasets.data_files import DataFilesDict, get_data_patterns
 
     folder = folder.resolve()
-    files = sorted(str(p) for p in folder.rglob("*") if p.is_file() and _suffix(p) in _BUILDERS)
+    files = sorted(
+        str(p)
+        for p in folder.rglob("*")
+        if p.is_file() and _suffix(p) in _BUILDERS and not _hidden(p.relative_to(folder))
+    )
     if not files:
         raise QloraError(f"data.path {folder} holds no json, jsonl, jsonl.gz, csv or parquet file")
     named = DataFilesDict.from_patterns(get_data_patterns(str(folder)), base_path=str(folder))
@@ -179,6 +183,10 @@ def json_problem(file: str) -> str | None:
         if not isinstance(record, dict):
             return f"{file}:{number}: a JSON Lines record must be an object, got {type(record).__name__}"
     return None
+
+
+def _hidden(path: Path) -> bool:
+    return any(part.startswith(".") for part in path.parts)
 
 
 def _suffix(path: Path) -> str:

@@ -69,11 +69,8 @@ def text_report(preview: DataPreview) -> str:
             f"── example {number}: source {n_source} tokens ({source_mark}), "
             f"target {row['target_tokens']} tokens (trained)" + (", truncated" if row["truncated"] else "")
         )
-        blocks.append(
-            "\n".join(
-                [header, _marked(source_mark, preview.tokenizer.decode(source_ids)), _marked("trained", preview.tokenizer.decode(target_ids))]
-            )
-        )
+        source_text, target_text = preview.tokenizer.decode(source_ids), preview.tokenizer.decode(target_ids)
+        blocks.append("\n".join([header, _marked(source_mark, source_text), _marked("trained", target_text)]))
     return "\n\n".join(blocks)
 
 
