@@ -19,6 +19,10 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Show or check recipes.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+data_app = typer.Typer(help="The dataset registry, and a recipe's data as training will see it.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+recipes_app = typer.Typer(help="List the bundled recipes, or copy one to edit.", invoke_without_command=True)
+app.add_typer(recipes_app, name="recipes")
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Recipe YAML file.", show_default=False)]
 Overrides = Annotated[
@@ -83,6 +87,55 @@ def config_validate(files: Annotated[list[Path], typer.Argument(help="Recipe fil
             typer.echo(f"invalid {exc}", err=True)
     if failures:
         raise typer.Exit(2)
+
+
+@data_app.command("preview")
+def data_preview(
+    config: ConfigOption,
+    overrides: Overrides = None,
+    num: Annotated[int, typer.Option("--num", "-n", min=0, help="How many examples to show.")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per example on stdout.")] = False,
+) -> None:
+    """Show formatted examples with the masked (source) and trained (target) parts, and what was cut."""
+    from qlora_cli.config import load_recipe
+    from qlora_cli.data.preview import json_lines, preview_data, summary, text_report
+
+    preview = preview_data(load_recipe(config, overrides or []), num)
+    if as_json:
+        for line in json_lines(preview):
+            typer.echo(line)
+        typer.echo(summary(preview), err=True)
+    else:
+        typer.echo(text_report(preview))
+
+
+@data_app.command("formats")
+def data_formats() -> None:
+    """List the registered datasets and formats, with their hub copies and native schemas."""
+    from qlora_cli.data.formats import formats_table
+
+    typer.echo(formats_table())
+
+
+@recipes_app.callback()
+def recipes_list(ctx: typer.Context) -> None:
+    """List the bundled recipes with their dataset, model size and training numbers."""
+    if ctx.invoked_subcommand is None:
+        from qlora_cli.recipes import bundled_recipes, recipe_table
+
+        typer.echo(recipe_table(bundled_recipes()))
+
+
+@recipes_app.command("copy")
+def recipes_copy(
+    name: Annotated[str, typer.Argument(help="A bundled recipe, e.g. guanaco-7b.")],
+    dest: Annotated[Path, typer.Argument(help="File or folder to write the standalone copy to.")],
+    force: Annotated[bool, typer.Option(help="Replace DEST if it exists.")] = False,
+) -> None:
+    """Write a bundled recipe, with everything it extends resolved, to DEST for editing."""
+    from qlora_cli.recipes import copy_recipe
+
+    typer.echo(f"Wrote {copy_recipe(name, dest, force=force)}")
 
 
 def _print_summary(result) -> None:

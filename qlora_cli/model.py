@@ -87,6 +87,15 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     return tokenizer
 
 
+def is_seq2seq_model(cfg: ModelConfig) -> bool:
+    """From the model's config alone, without loading any weights."""
+    from transformers import AutoConfig
+
+    source = resolve_builtin_model(cfg.name_or_path)
+    common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    return is_seq2seq(_from_pretrained(AutoConfig.from_pretrained, source, "model", **common))
+
+
 def load_model(
     cfg: ModelConfig,
     quant: QuantizationConfig,

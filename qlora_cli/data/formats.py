@@ -1,12 +1,13 @@
-"""The dataset registry: each entry turns one record of its native schema into a (source, target) pair.
+"""The dataset registry: each entry turns one record of its native schema into (source, target) pairs.
 
 Loss is computed on the target only (unless `data.train_on_source`), so the split between source and
-target is the whole point of a format.
+target is the whole point of a format. The paper's code (artidoro/qlora, `format_dataset`) is the
+reference for the eight instruction datasets.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, NamedTuple
 
 
@@ -23,18 +24,33 @@ class SkipRecord(Exception):
 class DatasetFormat:
     name: str
     description: str
-    to_example: Callable[[dict[str, Any]], Example]
+    # One record -> one Example, or a list when a record holds several (task instances, chat turns).
+    to_example: Callable[[dict[str, Any]], Example | list[Example]]
     prompt: Callable[[str], str]  # wraps a user's raw prompt the way training sources looked
     hub_id: str | None = None
     hub_config: str | None = None
     hub_data_files: str | None = None
     eval_split: str | None = None  # the hub split used for evaluation, when the dataset has one
+    bind_tokenizer: Callable[[Any], DatasetFormat] | None = None  # for formats rendered by a chat template
+
+    def examples(self, record: dict[str, Any]) -> list[Example]:
+        made = self.to_example(record)
+        made = [made] if isinstance(made, Example) else made
+        if not made:
+            raise SkipRecord("no examples in record")
+        return made
+
+    def for_tokenizer(self, tokenizer: Any) -> DatasetFormat:
+        """The format as used with `tokenizer`: chat formats render with its template, the rest ignore it."""
+        return self.bind_tokenizer(tokenizer) if self.bind_tokenizer else self
 
 
 def field(record: dict[str, Any], name: str) -> str:
     value = record.get(name)
     if value is None:
         raise SkipRecord(f"missing field {name!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # CSV readers turn numeric answers into numbers
     if not isinstance(value, str):
         raise SkipRecord(f"field {name!r} is {type(value).__name__}, not text")
     return value
@@ -45,6 +61,23 @@ def non_empty(target: str) -> str:
         raise SkipRecord("empty target")
     return target
 
+
+def items(record: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    value = record.get(name)
+    if isinstance(value, dict):  # a datasets Sequence of structs arrives as a dict of lists
+        value = [dict(zip(value, row)) for row in zip(*value.values())]
+    if not isinstance(value, list) or not value:
+        raise SkipRecord(f"missing field {name!r}")
+    if not all(isinstance(item, dict) for item in value):
+        raise SkipRecord(f"field {name!r} is not a list of objects")
+    return value
+
+
+def _as_is(text: str) -> str:
+    return text
+
+
+# --------------------------------------------------------------------------- alpaca
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -67,36 +100,240 @@ def alpaca_source(instruction: str, input_text: str = "") -> str:
 def _alpaca(record: dict[str, Any]) -> Example:
     instruction = field(record, "instruction")
     input_text = record.get("input") or ""
-    return Example(alpaca_source(instruction, input_text), non_empty(field(record, "output")))
+    return Example(alpaca_source(instruction, str(input_text)), non_empty(field(record, "output")))
+
+
+# --------------------------------------------------------------------------- generic pairs
+
+END_OF_TEXT = "<|endoftext|>"  # GPT-3 finetuning files end completions with it; we append the tokenizer's EOS
 
 
 def _prompt_completion(record: dict[str, Any]) -> Example:
-    return Example(field(record, "prompt"), non_empty(field(record, "completion")))
+    completion = field(record, "completion").removesuffix(END_OF_TEXT)
+    return Example(field(record, "prompt"), non_empty(completion))
 
 
 def _input_output(record: dict[str, Any]) -> Example:
     return Example(field(record, "input"), non_empty(field(record, "output")))
 
 
-def _as_is(text: str) -> str:
-    return text
+# --------------------------------------------------------------------------- conversations trained whole
 
+
+def guanaco_prompt(text: str) -> str:
+    return f"### Human: {text} ### Assistant:"
+
+
+def _oasst1(record: dict[str, Any]) -> Example:
+    """The Guanaco text is trained whole; a Guanaco prompt/reply pair (the paper's eval files) is joined."""
+    if "input" in record and "output" in record:
+        text = f"{field(record, 'input')} {non_empty(field(record, 'output'))}"
+    else:
+        text = field(record, "text")
+    return Example("", non_empty(text))
+
+
+def hh_rlhf_prompt(text: str) -> str:
+    return f"\n\nHuman: {text}\n\nAssistant:"
+
+
+def _hh_rlhf(record: dict[str, Any]) -> Example:
+    return Example("", non_empty(field(record, "chosen")))
+
+
+# --------------------------------------------------------------------------- task collections
+
+
+def self_instruct_prompt(text: str) -> str:
+    return f"{text}\nOutput:"
+
+
+def _self_instruct(record: dict[str, Any]) -> Example | list[Example]:
+    """The hub's finetuning file is {prompt, completion}; seed tasks are {instruction, instances}.
+
+    Seed-task instances get the first of Self-Instruct's own finetuning templates.
+    """
+    if "instances" not in record:
+        return _prompt_completion(record)
+    instruction = field(record, "instruction").strip()
+    examples = []
+    for instance in items(record, "instances"):
+        input_text = field(instance, "input").strip() if instance.get("input") else ""
+        source = f"{instruction}\nInput: {input_text}\nOutput:" if input_text else self_instruct_prompt(instruction)
+        examples.append(Example(source, " " + non_empty(field(instance, "output")).strip()))
+    return examples
+
+
+def _unnatural_instructions(record: dict[str, Any]) -> list[Example]:
+    """Core instances only, as the paper's code does (reformulations are left out)."""
+    return [
+        Example(field(instance, "instruction_with_input"), non_empty(field(instance, "output")))
+        for instance in items(record, "instances")
+    ]
+
+
+FLAN_COT_PROMPT = "Question: {question} Think carefully first, then make a decision:"  # a FLAN v2 CoT template
+
+
+def _flan_v2(record: dict[str, Any]) -> Example:
+    """Mixture rows are {inputs, targets}; the T0 submix sample {prompt, completion}; CoT sources are raw."""
+    if "inputs" in record or "targets" in record:
+        return Example(field(record, "inputs"), non_empty(field(record, "targets")))
+    if "chain_of_thought" in record:
+        source = FLAN_COT_PROMPT.format(question=field(record, "question"))
+        reasoning = non_empty(field(record, "chain_of_thought"))
+        return Example(source, f"{reasoning} So the answer is {field(record, 'answer')}.")
+    return _prompt_completion(record)
+
+
+def _chip2(record: dict[str, Any]) -> Example:
+    text = field(record, "text")
+    human, bot, rest = text.partition("\n<bot>: ")
+    if not bot:
+        raise SkipRecord("no '<bot>:' turn")
+    return Example(human.replace("<human>: ", ""), non_empty(rest.split("\n<bot>: ")[0]))
+
+
+# --------------------------------------------------------------------------- chat messages
+
+# Base models have no chat template: conversations are then laid out the way Guanaco was trained.
+GUANACO_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if not loop.first %} {% endif %}"
+    "{% if m['role'] == 'user' %}### Human: {% elif m['role'] == 'assistant' %}### Assistant: {% endif %}"
+    "{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}{% if messages %} {% endif %}### Assistant:{% endif %}"
+)
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class ChatRenderer:
+    """Renders `messages` with the tokenizer's chat template; one example per assistant turn.
+
+    The source is the conversation up to that turn (plus the generation prompt), the target is what the
+    template adds for the reply; BOS and EOS are left to tokenization, which adds them.
+    """
+
+    tokenizer: Any
+
+    def render(self, messages: list[dict[str, str]], *, generation_prompt: bool) -> str:
+        template = None if getattr(self.tokenizer, "chat_template", None) else GUANACO_CHAT_TEMPLATE
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
+            )
+        except Exception as exc:  # jinja raises TemplateError for conversations the template rejects
+            raise SkipRecord(f"chat template: {exc}") from None
+
+    def to_examples(self, record: dict[str, Any]) -> list[Example]:
+        messages = [self._message(m) for m in items(record, "messages")]
+        examples = []
+        for turn, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            non_empty(message["content"])
+            prompt = self.render(messages[:turn], generation_prompt=True)
+            full = self.render(messages[: turn + 1], generation_prompt=False)
+            if not full.startswith(prompt):
+                raise SkipRecord("chat template renders the reply in a way that changes the prompt before it")
+            examples.append(Example(self._strip_bos(prompt), self._strip_eos(full[len(prompt) :])))
+        if not examples:
+            raise SkipRecord("no assistant turn")
+        return examples
+
+    def prompt(self, text: str) -> str:
+        return self._strip_bos(self.render([{"role": "user", "content": text}], generation_prompt=True))
+
+    @staticmethod
+    def _message(message: dict[str, Any]) -> dict[str, str]:
+        role = message.get("role")
+        if role not in ROLES:
+            raise SkipRecord(f"message role {role!r} is not one of {', '.join(ROLES)}")
+        return {"role": role, "content": field(message, "content")}
+
+    def _strip_bos(self, text: str) -> str:
+        bos = self.tokenizer.bos_token
+        return text.removeprefix(bos) if bos else text
+
+    def _strip_eos(self, text: str) -> str:
+        eos = self.tokenizer.eos_token
+        return text.removesuffix(eos) if eos else text
+
+
+def _chat_format(tokenizer: Any) -> DatasetFormat:
+    renderer = ChatRenderer(tokenizer)
+    return replace(FORMATS["messages"], to_example=renderer.to_examples, prompt=renderer.prompt, bind_tokenizer=None)
+
+
+def _needs_tokenizer(_: Any) -> Any:
+    raise RuntimeError("the messages format renders with a chat template: use FORMATS[...].for_tokenizer(tokenizer)")
+
+
+# --------------------------------------------------------------------------- registry
 
 FORMATS: dict[str, DatasetFormat] = {
     fmt.name: fmt
     for fmt in [
         DatasetFormat(
             "alpaca",
-            "Stanford Alpaca: {instruction, input, output} in the Stanford prompt",
+            "{instruction, input, output} in the Stanford Alpaca prompt",
             _alpaca,
             prompt=alpaca_source,
             hub_id="tatsu-lab/alpaca",
         ),
         DatasetFormat(
-            "prompt-completion",
-            "generic {prompt, completion}",
-            _prompt_completion,
+            "oasst1",
+            "OASST1 as Guanaco text {text} ('### Human: ... ### Assistant: ...'), trained whole",
+            _oasst1,
+            prompt=guanaco_prompt,
+            hub_id="timdettmers/openassistant-guanaco",
+            eval_split="test",
+        ),
+        DatasetFormat(
+            "hh-rlhf",
+            "Anthropic HH-RLHF {chosen, rejected}: the chosen transcript, trained whole",
+            _hh_rlhf,
+            prompt=hh_rlhf_prompt,
+            hub_id="Anthropic/hh-rlhf",
+            eval_split="test",
+        ),
+        DatasetFormat(
+            "self-instruct",
+            "Self-Instruct {prompt, completion}, or seed tasks {instruction, instances: [{input, output}]}",
+            _self_instruct,
+            prompt=self_instruct_prompt,
+            hub_id="yizhongw/self_instruct",
+            hub_config="self_instruct",
+        ),
+        DatasetFormat(
+            "unnatural-instructions",
+            "Unnatural Instructions {instruction, instances: [{instruction_with_input, output}]}",
+            _unnatural_instructions,
             prompt=_as_is,
+            hub_id="mrm8488/unnatural-instructions-core",
+        ),
+        DatasetFormat(
+            "flan-v2",
+            "FLAN v2 {inputs, targets} (SirNeural/flan_v2); also {prompt, completion} and CoT sources",
+            _flan_v2,
+            prompt=_as_is,
+            hub_id="SirNeural/flan_v2",
+        ),
+        DatasetFormat(
+            "chip2",
+            "OIG unified_chip2 {text: '<human>: ...\\n<bot>: ...'}",
+            _chip2,
+            prompt=_as_is,
+            hub_id="laion/OIG",
+            hub_data_files="unified_chip2.jsonl",
+        ),
+        DatasetFormat(
+            "longform",
+            "LongForm {input, output}",
+            _input_output,
+            prompt=_as_is,
+            hub_id="akoksal/LongForm",
+            eval_split="validation",
         ),
         DatasetFormat(
             "input-output",
@@ -104,5 +341,25 @@ FORMATS: dict[str, DatasetFormat] = {
             _input_output,
             prompt=_as_is,
         ),
+        DatasetFormat(
+            "prompt-completion",
+            "generic {prompt, completion}; a trailing <|endoftext|> is dropped",
+            _prompt_completion,
+            prompt=_as_is,
+        ),
+        DatasetFormat(
+            "messages",
+            "chat {messages: [{role, content}]} in the tokenizer's chat template; loss on assistant turns",
+            _needs_tokenizer,
+            prompt=_needs_tokenizer,
+            bind_tokenizer=_chat_format,
+        ),
     ]
 }
+
+
+def formats_table() -> str:
+    rows = [("NAME", "HUB COPY", "NATIVE SCHEMA")]
+    rows += [(fmt.name, fmt.hub_id or "(local files only)", fmt.description) for fmt in FORMATS.values()]
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    return "\n".join(f"{name:<{widths[0]}}  {hub:<{widths[1]}}  {schema}" for name, hub, schema in rows)

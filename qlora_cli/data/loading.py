@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +15,7 @@ from qlora_cli.data.tokenize import tokenize_batch
 from qlora_cli.errors import QloraError
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+NO_TARGET_LEFT = "no target tokens left after truncation"
 
 
 @dataclass
@@ -27,7 +30,7 @@ class PreparedData:
 
 
 def prepare_data(cfg: DataConfig, tokenizer: Any, *, seq2seq: bool, seed: int) -> PreparedData:
-    fmt = FORMATS[cfg.dataset]
+    fmt = FORMATS[cfg.dataset].for_tokenizer(tokenizer)
     train, evaluation = load_raw(cfg, fmt)
     skipped: Counter = Counter()
     train = _format(train, fmt, skipped)
@@ -51,9 +54,14 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, *, seq2seq: bool, seed: int) -
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
         return tokenize_batch(tokenizer, batch, cfg, seq2seq=seq2seq)
 
-    train = train.map(tokenize, batched=True, desc="Tokenizing train")
+    train = _drop_untrained(train.map(tokenize, batched=True, desc="Tokenizing train"), skipped)
     if evaluation is not None:
-        evaluation = evaluation.map(tokenize, batched=True, desc="Tokenizing eval")
+        evaluation = _drop_untrained(evaluation.map(tokenize, batched=True, desc="Tokenizing eval"), skipped)
+    if len(train) == 0:
+        raise QloraError(
+            f"no example of {_describe_source(cfg, fmt)} has a target token left to train on ({_skips(skipped)}): "
+            f"check data.target_max_len ({cfg.target_max_len}) and that the tokenizer has an EOS token"
+        )
     return PreparedData(train=train, eval=evaluation, skipped=skipped)
 
 
@@ -62,12 +70,8 @@ def load_raw(cfg: DataConfig, fmt: DatasetFormat) -> tuple[Any, Any | None]:
     import datasets
 
     if cfg.path or cfg.data_files:
-        files = local_files(cfg)
-        builder = _builder_for(files[0])
-        try:
-            return datasets.load_dataset(builder, data_files={"train": files}, split="train"), None
-        except Exception as exc:  # datasets wraps parse errors in several exception types
-            raise QloraError(f"cannot read {', '.join(files)}: {_root_cause(exc)}") from None
+        train_files, eval_files = local_files(cfg)
+        return _read_local(train_files), (_read_local(eval_files) if eval_files else None)
     hub_id = cfg.hub_id or fmt.hub_id
     if hub_id is None:
         raise QloraError(f"dataset {fmt.name!r} has no hub copy: point data.path at a local file")
@@ -84,26 +88,105 @@ def load_raw(cfg: DataConfig, fmt: DatasetFormat) -> tuple[Any, Any | None]:
     return loaded["train"], evaluation
 
 
-def local_files(cfg: DataConfig) -> list[str]:
+def local_files(cfg: DataConfig) -> tuple[list[str], list[str]]:
+    """(train files, eval files): a folder's files named for a validation or test split are held out."""
     from qlora_cli.demo import resolve_builtin_data
 
     names = [cfg.path] if cfg.path else list(cfg.data_files or [])
-    files: list[str] = []
+    train: list[str] = []
+    held_out: list[str] = []
     for name in names:
         path = resolve_builtin_data(name)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if _suffix(p) in _BUILDERS)
-            if not found:
-                raise QloraError(f"data.path {path} holds no json, jsonl, jsonl.gz, csv or parquet file")
-            files += [str(p) for p in found]
+            folder_train, folder_eval = _folder_splits(path)
+            train += folder_train
+            held_out += folder_eval
         elif path.is_file():
-            files.append(str(path))
+            train.append(str(path))
         else:
             raise QloraError(f"data file not found: {path}")
-    for f in files:
+    for f in train + held_out:
         if _suffix(Path(f)) not in _BUILDERS:
             raise QloraError(f"{f}: unsupported file type (use json, jsonl, jsonl.gz, csv or parquet)")
-    return files
+    return train, held_out
+
+
+def _folder_splits(folder: Path) -> tuple[list[str], list[str]]:
+    """Files named for a validation (else test) split, the way `datasets` names them, are held out."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    folder = folder.resolve()
+    files = sorted(
+        str(p)
+        for p in folder.rglob("*")
+        if p.is_file() and _suffix(p) in _BUILDERS and not _hidden(p.relative_to(folder))
+    )
+    if not files:
+        raise QloraError(f"data.path {folder} holds no json, jsonl, jsonl.gz, csv or parquet file")
+    named = DataFilesDict.from_patterns(get_data_patterns(str(folder)), base_path=str(folder))
+    validation, test = set(named.get("validation", [])), set(named.get("test", []))
+    train = [f for f in files if f not in validation | test]
+    if not train:  # e.g. a folder of test files only: that is what there is to train on
+        return files, []
+    return train, sorted((validation or test) & set(files))
+
+
+def _read_local(files: list[str]) -> Any:
+    import datasets
+
+    builders = {_builder_for(f) for f in files}
+    if len(builders) > 1:
+        raise QloraError(f"cannot mix file types in one split: {', '.join(files)}")
+    builder = builders.pop()
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # it logs parse errors that we report below
+    try:
+        return datasets.load_dataset(builder, data_files={"train": files}, split="train")
+    except Exception as exc:  # datasets wraps parse errors in several exception types
+        if builder == "json":
+            for f in files:
+                if problem := json_problem(f):
+                    raise QloraError(problem) from None
+        if "column names don't match" in str(_root(exc)):
+            raise QloraError(
+                f"{', '.join(files)}: these files have different columns and cannot be read as one dataset; "
+                "list only files of one schema in data.data_files"
+            ) from None
+        raise QloraError(f"cannot read {', '.join(files)}: {_root_cause(exc)}") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+
+
+def json_problem(file: str) -> str | None:
+    """Name the file, line and column of the first JSON error; `datasets` reports a byte offset at best."""
+    opener = gzip.open if file.endswith(".gz") else open
+    try:
+        with opener(file, "rt", encoding="utf-8") as handle:
+            text = handle.read()
+    except (UnicodeDecodeError, OSError, EOFError) as exc:
+        return f"{file}: cannot read as UTF-8 JSON text ({exc})"
+    if not text.strip():
+        return f"{file} is empty: it holds no records"
+    try:
+        document = json.loads(text)
+        return f"{file} holds no records" if document in ([], {}) else None  # else its shape, not its syntax
+    except json.JSONDecodeError as exc:
+        if text.lstrip().startswith("["):
+            return f"{file}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}"
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            return f"{file}:{number}:{exc.colno}: invalid JSON Lines record: {exc.msg}"
+        if not isinstance(record, dict):
+            return f"{file}:{number}: a JSON Lines record must be an object, got {type(record).__name__}"
+    return None
+
+
+def _hidden(path: Path) -> bool:
+    return any(part.startswith(".") for part in path.parts)
 
 
 def _suffix(path: Path) -> str:
@@ -116,16 +199,33 @@ def _builder_for(file: str) -> str:
 
 
 def _format(dataset: Any, fmt: DatasetFormat, skipped: Counter) -> Any:
-    def to_columns(record: dict[str, Any]) -> dict[str, str]:
-        try:
-            source, target = fmt.to_example(record)
-            return {"source": source, "target": target, "skip": ""}
-        except SkipRecord as reason:
-            return {"source": "", "target": "", "skip": str(reason)}
+    """Records -> (source, target) rows; a record may give several rows, or one 'skip' row with the reason."""
 
-    formatted = dataset.map(to_columns, remove_columns=dataset.column_names, desc=f"Formatting {fmt.name}")
+    def to_columns(batch: dict[str, list]) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {"source": [], "target": [], "skip": []}
+        for values in zip(*batch.values()):
+            try:
+                rows = [(ex.source, ex.target, "") for ex in fmt.examples(dict(zip(batch, values)))]
+            except SkipRecord as reason:
+                rows = [("", "", str(reason))]
+            for row in rows:
+                for key, value in zip(out, row):
+                    out[key].append(value)
+        return out
+
+    formatted = dataset.map(
+        to_columns, batched=True, remove_columns=dataset.column_names, desc=f"Formatting {fmt.name}"
+    )
     skipped.update(reason for reason in formatted["skip"] if reason)
-    return formatted.filter(lambda row: not row["skip"]).remove_columns("skip")
+    return formatted.filter(lambda row: not row["skip"], desc="Dropping skipped records").remove_columns("skip")
+
+
+def _drop_untrained(dataset: Any, skipped: Counter) -> Any:
+    """An example with no target token left would add nothing but a 0/0 loss."""
+    kept = dataset.filter(lambda row: row["target_tokens"] > 0, desc="Dropping examples without target tokens")
+    if len(kept) < len(dataset):
+        skipped[NO_TARGET_LEFT] += len(dataset) - len(kept)
+    return kept
 
 
 def _skips(skipped: Counter) -> str:
@@ -136,7 +236,12 @@ def _describe_source(cfg: DataConfig, fmt: DatasetFormat) -> str:
     return cfg.path or ", ".join(cfg.data_files or []) or cfg.hub_id or fmt.hub_id or fmt.name
 
 
-def _root_cause(exc: BaseException) -> str:
+def _root(exc: BaseException) -> BaseException:
     while exc.__cause__ is not None or exc.__context__ is not None:
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return exc
+
+
+def _root_cause(exc: BaseException) -> str:
+    root = _root(exc)
+    return str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__

@@ -1,0 +1,79 @@
+"""`qlora data preview`: the examples exactly as training will see them, masked and trained parts marked.
+
+It runs the same `prepare_data` as `qlora train` (so the same cache), with the tokenizer but no weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from qlora_cli.config import Recipe
+from qlora_cli.data.loading import PreparedData, prepare_data
+
+
+@dataclass
+class DataPreview:
+    recipe: Recipe
+    data: PreparedData
+    tokenizer: Any
+    seq2seq: bool
+    rows: list[dict[str, Any]]  # the first N training examples, tokenized
+
+
+def preview_data(recipe: Recipe, num: int) -> DataPreview:
+    from qlora_cli.model import is_seq2seq_model, load_tokenizer
+
+    tokenizer = load_tokenizer(recipe.model)
+    seq2seq = is_seq2seq_model(recipe.model)
+    data = prepare_data(recipe.data, tokenizer, seq2seq=seq2seq, seed=recipe.training.seed)
+    rows = list(data.train.select(range(min(num, len(data.train)))))
+    return DataPreview(recipe, data, tokenizer, seq2seq, rows)
+
+
+def json_lines(preview: DataPreview) -> Iterator[str]:
+    for row in preview.rows:
+        yield json.dumps(
+            {key: row[key] for key in ("source", "target", "source_tokens", "target_tokens", "truncated")},
+            ensure_ascii=False,
+        )
+
+
+def summary(preview: DataPreview) -> str:
+    cfg, data = preview.recipe.data, preview.data
+    where = cfg.path or ", ".join(cfg.data_files or []) or "the hub"
+    eval_n = len(data.eval) if data.eval is not None else 0
+    skipped = sum(data.skipped.values())
+    reasons = f" ({', '.join(f'{n} {reason}' for reason, n in data.skipped.most_common())})" if skipped else ""
+    loss_on = "source and target" if cfg.train_on_source and not preview.seq2seq else "the target only"
+    return (
+        f"{cfg.dataset} from {where}: {len(data.train):,} train and {eval_n:,} eval examples; "
+        f"{data.truncated:,} truncated, {skipped:,} skipped{reasons}\n"
+        f"source at most {cfg.source_max_len} tokens, target at most {cfg.target_max_len}; loss on {loss_on}"
+    )
+
+
+def text_report(preview: DataPreview) -> str:
+    """Each example as the token ids decode back, so truncation and BOS/EOS show as they will be trained."""
+    source_trained = preview.recipe.data.train_on_source and not preview.seq2seq
+    blocks = [summary(preview)]
+    for number, row in enumerate(preview.rows, start=1):
+        n_source = row["source_tokens"]
+        if preview.seq2seq:
+            source_ids, target_ids = row["input_ids"], row["labels"]
+        else:
+            source_ids, target_ids = row["input_ids"][:n_source], row["input_ids"][n_source:]
+        source_mark = "trained" if source_trained else "masked"
+        header = (
+            f"── example {number}: source {n_source} tokens ({source_mark}), "
+            f"target {row['target_tokens']} tokens (trained)" + (", truncated" if row["truncated"] else "")
+        )
+        source_text, target_text = preview.tokenizer.decode(source_ids), preview.tokenizer.decode(target_ids)
+        blocks.append("\n".join([header, _marked(source_mark, source_text), _marked("trained", target_text)]))
+    return "\n\n".join(blocks)
+
+
+def _marked(label: str, text: str) -> str:
+    lines = text.split("\n") or [""]
+    return "\n".join(f"{label if i == 0 else '':>7} │ {line}" for i, line in enumerate(lines))

@@ -1,0 +1,60 @@
+"""Shared tokenization: BOS + source (masked), target + EOS (trained), each truncated on its own."""
+
+from __future__ import annotations
+
+from qlora_cli.config import DataConfig
+from qlora_cli.data.tokenize import IGNORE_INDEX, PaddingCollator, tokenize_example
+from tests.data_fixtures import tokenizer  # noqa: F401  (fixture)
+
+
+def ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_source_gets_bos_and_is_masked_target_gets_eos_and_is_trained(tokenizer):
+    row = tokenize_example(tokenizer, "Repeat: apple", "apple", DataConfig(), seq2seq=False)
+    src, tgt = ids(tokenizer, "Repeat: apple"), ids(tokenizer, "apple")
+    assert row["input_ids"] == [tokenizer.bos_token_id, *src, *tgt, tokenizer.eos_token_id]
+    assert row["labels"] == [IGNORE_INDEX] * (len(src) + 1) + [*tgt, tokenizer.eos_token_id]
+    assert (row["source_tokens"], row["target_tokens"]) == (len(src) + 1, len(tgt) + 1)
+    assert row["length"] == len(row["input_ids"]) and not row["truncated"]
+
+
+def test_train_on_source_trains_every_token(tokenizer):
+    row = tokenize_example(tokenizer, "Repeat: apple", "apple", DataConfig(train_on_source=True), seq2seq=False)
+    assert row["labels"] == row["input_ids"]
+
+
+def test_a_long_source_is_cut_without_eating_the_target(tokenizer):
+    source = " ".join(["river stone cloud"] * 50)
+    cfg = DataConfig(source_max_len=8, target_max_len=16)
+    row = tokenize_example(tokenizer, source, "apple river", cfg, seq2seq=False)
+    target = [*ids(tokenizer, "apple river"), tokenizer.eos_token_id]
+    assert row["source_tokens"] == 8 and row["truncated"]
+    assert row["input_ids"][:8] == [tokenizer.bos_token_id, *ids(tokenizer, source)[:7]]
+    assert row["input_ids"][8:] == target and row["labels"][8:] == target
+
+
+def test_a_long_target_is_cut_to_target_max_len(tokenizer):
+    target = " ".join(["zebra honey"] * 40)
+    row = tokenize_example(tokenizer, "Say it.", target, DataConfig(target_max_len=5), seq2seq=False)
+    assert row["target_tokens"] == 5 and row["truncated"]
+    assert row["labels"][-5:] == ids(tokenizer, target)[:5]  # EOS is the part that goes
+    assert sum(label != IGNORE_INDEX for label in row["labels"]) == 5
+
+
+def test_seq2seq_encoder_gets_source_and_eos_labels_are_the_target(tokenizer):
+    row = tokenize_example(tokenizer, "Repeat: apple", "apple", DataConfig(), seq2seq=True)
+    assert row["input_ids"] == [*ids(tokenizer, "Repeat: apple"), tokenizer.eos_token_id]
+    assert row["labels"] == [*ids(tokenizer, "apple"), tokenizer.eos_token_id]
+    assert row["length"] == len(row["input_ids"]) + len(row["labels"])
+
+
+def test_collator_pads_labels_with_ignore_index_so_padding_never_counts():
+    batch = PaddingCollator(pad_token_id=0)([
+        {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+        {"input_ids": [5], "labels": [5]},
+    ])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [5, -100, -100]]
