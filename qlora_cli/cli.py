@@ -60,6 +60,20 @@ def train(
     _print_summary(result)
 
 
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run's output_dir, finished or still training.")],
+    output: Annotated[
+        Optional[Path],
+        typer.Option("--output", "-o", help="report.md or report.html; figures go beside it in figures/.", show_default="RUN_DIR/report.md"),
+    ] = None,
+) -> None:
+    """Plot a run (loss, learning rate, tokens/s, memory, MMLU) and write a one-page summary."""
+    from qlora_cli.report import write_report
+
+    typer.echo(f"Report written to {write_report(run_dir, output)}")
+
+
 @config_app.command("show")
 def config_show(config: ConfigOption, overrides: Overrides = None) -> None:
     """Print the fully resolved recipe (extends and overrides applied, defaults filled in)."""
