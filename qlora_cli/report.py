@@ -163,7 +163,8 @@ def recipe_rows(recipe: Recipe, metrics: dict[str, Any] | None) -> Rows:
         ("Model", f"{recipe.model.name_or_path} ({base}, compute dtype {q.compute_dtype})"),
         ("LoRA", f"r={lora.r}, alpha={lora.alpha:g}, dropout={lora.dropout:g} on {targets}" if lora.enabled else "off"),
         ("Dataset", f"{data.dataset} from {source}; source/target max {data.source_max_len}/{data.target_max_len}"),
-        ("Batch", f"{t.batch_size} per device x {t.gradient_accumulation_steps} accumulation = {t.effective_batch_size}"),
+        ("Batch", f"{t.batch_size} per device x {t.gradient_accumulation_steps} accumulation "
+                  f"= {t.effective_batch_size}"),
         ("Optimizer", f"{t.optim}, lr {t.learning_rate:g} ({t.lr_scheduler}, warmup {t.warmup_ratio:g}), "
                       f"max grad norm {t.max_grad_norm:g}"),
     ]
