@@ -233,10 +233,11 @@ class StepStats(TrainerCallback):
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if not logs or "loss" not in logs:
             return
+        current = memory_bytes()
         state.log_history[-1].update(  # the entry the Trainer appended for these logs
             tokens_per_s=round((state.num_input_tokens_seen - self._tokens) / max(self._seconds, 1e-9), 1),
-            memory_bytes=memory_bytes(),
-            peak_memory_bytes=peak_memory_bytes(),
+            memory_bytes=current,
+            peak_memory_bytes=max(current, peak_memory_bytes()),  # the kernel's peak RSS can lag a little
         )
         self._seconds, self._tokens = 0.0, state.num_input_tokens_seen
 
