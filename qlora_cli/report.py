@@ -74,7 +74,7 @@ def mmlu_keys(history: list[dict[str, Any]]) -> list[str]:
 
 def smooth(values: list[float]) -> list[float]:
     """TensorBoard's debiased exponential moving average, its window growing with the length of the run."""
-    weight = 1 - min(1.0, 10 / max(len(values), 1))
+    weight = 1 - min(1.0, 20 / max(len(values), 1))  # averages over about 5% of the run
     out, average = [], 0.0
     for i, value in enumerate(values, start=1):
         average = weight * average + (1 - weight) * value
@@ -129,9 +129,11 @@ def figures(history: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _figure(title: str, ylabel: str) -> tuple[Any, Any]:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(7, 3.6), layout="constrained")
     ax = fig.add_subplot()
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
