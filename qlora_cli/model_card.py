@@ -25,18 +25,24 @@ def write_model_card(
     merged: bool = False,
     log_history: Iterable[dict[str, Any]] = (),
 ) -> Path:
-    """Write folder/README.md; `folder` must already hold the adapter (or the merged model's config)."""
+    """Write folder/README.md; `folder` must already hold the adapter, or the model's config.json.
+
+    A run with `lora.enabled: false` (full finetuning) saved a whole model, so it gets a card like a merged one.
+    """
     from huggingface_hub import ModelCard, ModelCardData
 
     folder = Path(folder)
-    seq2seq = _is_seq2seq(folder, merged=merged)
+    adapter = recipe.lora.enabled and not merged
+    seq2seq = _is_seq2seq(folder, adapter=adapter)
     base = recipe.model.name_or_path
     dataset = hub_dataset(recipe.data)
-    tags = ["qlora", "lora", *(["4-bit", recipe.quantization.quant_type] if recipe.quantization.bits == 4 else [])]
-    tags.append("merged" if merged else f"base_model:adapter:{base}")
+    tags = ["qlora", "lora"] if recipe.lora.enabled else ["full-finetune"]
+    if recipe.quantization.bits == 4:
+        tags += ["4-bit", recipe.quantization.quant_type]
+    tags.append(f"base_model:adapter:{base}" if adapter else "merged" if merged else f"base_model:finetune:{base}")
     data = ModelCardData(
         base_model=base,
-        library_name="transformers" if merged else "peft",
+        library_name="peft" if adapter else "transformers",
         license="other",
         tags=tags,
         datasets=[dataset] if dataset else None,
@@ -52,7 +58,7 @@ def write_model_card(
     if results:
         body.append("## Results\n\n" + markdown_table(results, ("metric", "value")))
     body += [
-        "## How to use\n\n```python\n" + _snippet(folder, recipe, seq2seq=seq2seq, merged=merged) + "```",
+        "## How to use\n\n```python\n" + _snippet(folder, recipe, seq2seq=seq2seq, adapter=adapter) + "```",
         "## Prompt format\n\nTraining prompts looked like this; prompt the model the same way:\n\n```text\n"
         + _prompt_example(recipe)
         + "\n```",
@@ -65,19 +71,24 @@ def write_model_card(
     return path
 
 
-def _is_seq2seq(folder: Path, *, merged: bool) -> bool:
-    if merged:
-        from transformers import AutoConfig
+def _is_seq2seq(folder: Path, *, adapter: bool) -> bool:
+    if adapter:
+        from peft import PeftConfig
 
-        from qlora_cli.model import is_seq2seq
+        return PeftConfig.from_pretrained(folder).task_type == "SEQ_2_SEQ_LM"
+    from transformers import AutoConfig
 
-        return is_seq2seq(AutoConfig.from_pretrained(folder))
-    from peft import PeftConfig
+    from qlora_cli.model import is_seq2seq
 
-    return PeftConfig.from_pretrained(folder).task_type == "SEQ_2_SEQ_LM"
+    return is_seq2seq(AutoConfig.from_pretrained(folder))
 
 
 def _intro(recipe: Recipe, *, merged: bool) -> str:
+    if not recipe.lora.enabled:
+        return (
+            f"Every weight of `{recipe.model.name_or_path}` finetuned (no LoRA) with the `qlora` CLI on "
+            f"`{recipe.data.dataset}`-format data; this folder loads like any transformers model."
+        )
     q = recipe.quantization
     frozen = f"{q.bits}-bit {q.quant_type.upper()}" if q.bits == 4 else f"{q.bits}-bit"
     how = (
@@ -89,11 +100,11 @@ def _intro(recipe: Recipe, *, merged: bool) -> str:
     return how + " This folder holds the adapter only; load it on top of the base model."
 
 
-def _snippet(folder: Path, recipe: Recipe, *, seq2seq: bool, merged: bool) -> str:
+def _snippet(folder: Path, recipe: Recipe, *, seq2seq: bool, adapter: bool) -> str:
     auto_class = "AutoModelForSeq2SeqLM" if seq2seq else "AutoModelForCausalLM"
     dtype = _TORCH_DTYPES[recipe.quantization.compute_dtype]
     where = str(folder)
-    if merged:
+    if not adapter:
         return (
             "import torch\n"
             f"from transformers import {auto_class}, AutoTokenizer\n\n"

@@ -1,8 +1,8 @@
 """`qlora report`: plots and a one-page summary of a run, read from the files a run leaves behind.
 
-Everything comes from `output_dir`: `recipe.yaml`, `metrics.json` (written when training ends) and the Trainer's log
-history (`trainer_state.json`, or the newest checkpoint's while a run is still going). Figures are drawn
-on matplotlib's Agg canvas without pyplot, so no display and no global state are involved.
+Everything comes from `output_dir`: `recipe.yaml`, `metrics.json` (written when training ends) and the
+Trainer's log history (`trainer_state.json`, or the newest checkpoint's while a run is still going).
+Figures are drawn on matplotlib's Agg canvas without pyplot: no display, no global state.
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ def series(history: list[dict[str, Any]], key: str) -> tuple[list[int], list[flo
 
 
 def mmlu_keys(history: list[dict[str, Any]]) -> list[str]:
-    """Overall MMLU accuracies (e.g. `mmlu_accuracy`, `mmlu_val_accuracy`), not the per-subject ones."""
-    keys = {k for entry in history for k in entry if k.startswith("mmlu_") and k.endswith("accuracy")}
+    """Overall MMLU accuracies (`mmlu_accuracy`, `eval_mmlu_accuracy`...), not per-subject ones."""
+    keys = {k for entry in history for k in entry if "mmlu" in k and k.endswith("accuracy")}
     return sorted(keys)
 
 

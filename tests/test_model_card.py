@@ -91,3 +91,24 @@ def test_card_replaces_peft_template_and_hub_parser_reads_it(tmp_path):
     assert card.data.base_model == "huggyllama/llama-7b"
     assert card.data.pipeline_tag == "text2text-generation"
     assert "More Information Needed" not in card.text
+
+
+def test_full_finetune_card_describes_a_whole_model(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2).save_pretrained(
+        tmp_path
+    )
+    recipe = validate_recipe(
+        {
+            "output_dir": str(tmp_path),
+            "model": {"name_or_path": "huggyllama/llama-7b"},
+            "quantization": {"bits": 16},
+            "lora": {"enabled": False},
+        }
+    )
+    meta, body = front_matter(write_model_card(tmp_path, recipe, METRICS).read_text())
+    assert meta["library_name"] == "transformers"
+    assert "full-finetune" in meta["tags"] and "lora" not in meta["tags"]
+    assert f'AutoModelForCausalLM.from_pretrained("{tmp_path}"' in body
+    assert "PeftModel" not in body and "frozen" not in body
