@@ -64,6 +64,25 @@ def train(
     _print_summary(result)
 
 
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run's output_dir, finished or still training.")],
+    output: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--output",
+            "-o",
+            help="report.md or report.html; figures go beside it in figures/.",
+            show_default="RUN_DIR/report.md",
+        ),
+    ] = None,
+) -> None:
+    """Plot a run (loss, learning rate, tokens/s, memory, MMLU) and write a one-page summary."""
+    from qlora_cli.report import write_report
+
+    typer.echo(f"Report written to {write_report(run_dir, output)}")
+
+
 @config_app.command("show")
 def config_show(config: ConfigOption, overrides: Overrides = None) -> None:
     """Print the fully resolved recipe (extends and overrides applied, defaults filled in)."""
@@ -139,6 +158,9 @@ def recipes_copy(
 
 
 def _print_summary(result) -> None:
+    from qlora_cli.model_card import CARD_FILE
+    from qlora_cli.report import REPORT_FILE
+
     m = result.metrics
     lines = [f"Finished {m['steps']} steps in {m['runtime_s']:.0f} s ({m['tokens_per_s']:.0f} tokens/s)."]
     if result.losses:
@@ -151,6 +173,7 @@ def _print_summary(result) -> None:
             f"{100 * m['exact_match_before']:.1f}% before -> {100 * m['exact_match_after']:.1f}% after finetuning"
         )
     lines.append(f"Adapter saved to {result.output_dir}")
+    lines.append(f"Report: {result.output_dir / REPORT_FILE}; model card: {result.output_dir / CARD_FILE}")
     typer.echo("\n".join(lines))
 
 

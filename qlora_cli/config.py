@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qlora_cli.errors import ConfigError
 
@@ -94,10 +94,21 @@ class TrainingConfig(_Section):
     eval_steps: int | None = Field(None, gt=0, description="Evaluate loss on the held-out split every N steps.")
     eval_batch_size: int = Field(8, gt=0)
     seed: int = 42
-    report_to: list[str] = Field(default_factory=lambda: ["none"])
+    report_to: list[Literal["none", "tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["none"], description="Experiment trackers; wandb and mlflow are optional extras."
+    )
     max_bad_steps: int = Field(0, ge=0, description="Non-finite losses tolerated before the run stops.")
     fsdp: bool = False
     deepspeed: str | None = None
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, value: Any) -> Any:
+        """Accept one tracker as a plain string (`training.report_to=tensorboard`)."""
+        value = [value] if isinstance(value, str) else value
+        if isinstance(value, list) and "none" in value and len(value) > 1:
+            raise ValueError("'none' cannot be combined with other trackers")
+        return value
 
     @property
     def effective_batch_size(self) -> int:

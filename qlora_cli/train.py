@@ -41,6 +41,7 @@ class TrainResult:
 
 def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> TrainResult:
     out = Path(recipe.output_dir)
+    check_trackers(recipe.training.report_to)
     prepare_output_dir(out, overwrite=overwrite, resume=resume)
     set_seed(recipe.training.seed)
     loaded = load_model(
@@ -70,6 +71,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> T
         model.save_pretrained(out)
         loaded.tokenizer.save_pretrained(out)
         (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        write_report_and_card(out, recipe, metrics, trainer.state)
         (out / COMPLETED).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
     losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
     return TrainResult(out, metrics, losses)
@@ -147,7 +149,28 @@ def build_trainer(recipe: Recipe, loaded: LoadedModel, model: Any, data: Prepare
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(TrainingProgress())
+    trainer.add_callback(StepStats())
     return trainer
+
+
+def check_trackers(report_to: list[str]) -> None:
+    """Fail before loading the model when a tracker is not installed (transformers fails only after)."""
+    from transformers.integrations import is_mlflow_available, is_tensorboard_available, is_wandb_available
+
+    installed = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available, "mlflow": is_mlflow_available}
+    for name in report_to:
+        if name in installed and not installed[name]():
+            raise QloraError(f"training.report_to: {name} is not installed: pip install 'qlora-cli[{name}]'")
+
+
+def write_report_and_card(out: Path, recipe: Recipe, metrics: dict[str, Any], state: Any) -> None:
+    """Keep the log history (the Trainer saves it only inside checkpoints), then report.md and README.md."""
+    from qlora_cli.model_card import write_model_card
+    from qlora_cli.report import TRAINER_STATE, write_report
+
+    state.save_to_json(str(out / TRAINER_STATE))
+    write_report(out)
+    write_model_card(out, recipe, metrics, log_history=state.log_history)
 
 
 class TrainingProgress(TrainerCallback):
@@ -184,6 +207,48 @@ class TrainingProgress(TrainerCallback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class StepStats(TrainerCallback):
+    """Adds tokens/s and memory to each logged training entry of the log history, for `qlora report`.
+
+    Tokens/s counts only time spent inside optimizer steps, so evaluation and checkpointing do not
+    show up as slow training.
+    """
+
+    def __init__(self) -> None:
+        self._step_started = 0.0
+        self._seconds = 0.0
+        self._tokens = 0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._seconds, self._tokens = 0.0, state.num_input_tokens_seen
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._step_started = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._seconds += time.perf_counter() - self._step_started
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if not logs or "loss" not in logs:
+            return
+        current = memory_bytes()
+        state.log_history[-1].update(  # the entry the Trainer appended for these logs
+            tokens_per_s=round((state.num_input_tokens_seen - self._tokens) / max(self._seconds, 1e-9), 1),
+            memory_bytes=current,
+            peak_memory_bytes=max(current, peak_memory_bytes()),  # the kernel's peak RSS can lag a little
+        )
+        self._seconds, self._tokens = 0.0, state.num_input_tokens_seen
+
+
+def memory_bytes() -> int:
+    """In use now: allocated CUDA memory, or the process's resident set on the CPU."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.memory_allocated())
+    import psutil
+
+    return psutil.Process().memory_info().rss
 
 
 def peak_memory_bytes() -> int:

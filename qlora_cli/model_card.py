@@ -1,0 +1,145 @@
+"""Hugging Face model cards: README.md with YAML front matter, for a trained adapter or a merged model.
+
+`qlora train` writes one into output_dir (replacing PEFT's empty template); the merge command calls
+`write_model_card(folder, recipe, metrics, merged=True)` for the merged folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+from qlora_cli.config import Recipe
+from qlora_cli.report import hub_dataset, markdown_table, recipe_rows, result_rows
+
+CARD_FILE = "README.md"
+PAPER = "https://arxiv.org/abs/2305.14314"
+_TORCH_DTYPES = {"auto": "torch.bfloat16", "bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.float32"}
+
+
+def write_model_card(
+    folder: str | Path,
+    recipe: Recipe,
+    metrics: dict[str, Any] | None,
+    *,
+    merged: bool = False,
+    log_history: Iterable[dict[str, Any]] = (),
+) -> Path:
+    """Write folder/README.md; `folder` must already hold the adapter, or the model's config.json.
+
+    A run with `lora.enabled: false` (full finetuning) saved a whole model, so it gets a card like a merged one.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    folder = Path(folder)
+    adapter = recipe.lora.enabled and not merged
+    seq2seq = _is_seq2seq(folder, adapter=adapter)
+    base = recipe.model.name_or_path
+    dataset = hub_dataset(recipe.data)
+    tags = ["qlora", "lora"] if recipe.lora.enabled else ["full-finetune"]
+    if recipe.quantization.bits == 4:
+        tags += ["4-bit", recipe.quantization.quant_type]
+    tags.append(f"base_model:adapter:{base}" if adapter else "merged" if merged else f"base_model:finetune:{base}")
+    data = ModelCardData(
+        base_model=base,
+        library_name="peft" if adapter else "transformers",
+        license="other",
+        tags=tags,
+        datasets=[dataset] if dataset else None,
+        pipeline_tag="text2text-generation" if seq2seq else "text-generation",
+    )
+    history = list(log_history)
+    body = [
+        f"# {folder.resolve().name}",
+        _intro(recipe, merged=merged),
+        "## Training\n\n" + markdown_table(recipe_rows(recipe, metrics), ("", "")),
+    ]
+    results = result_rows(metrics, history)
+    if results:
+        body.append("## Results\n\n" + markdown_table(results, ("metric", "value")))
+    body += [
+        "## How to use\n\n```python\n" + _snippet(folder, recipe, seq2seq=seq2seq, adapter=adapter) + "```",
+        "## Prompt format\n\nTraining prompts looked like this; prompt the model the same way:\n\n```text\n"
+        + _prompt_example(recipe)
+        + "\n```",
+        "## Recipe\n\nTrain again with `qlora train --config recipe.yaml`:\n\n```yaml\n" + recipe.to_yaml() + "```",
+        "## License\n\n`license: other` above is a placeholder: set it to what the base model's and the training "
+        "data's licenses allow before publishing.",
+    ]
+    path = folder / CARD_FILE
+    ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(body) + "\n").save(path)
+    return path
+
+
+def _is_seq2seq(folder: Path, *, adapter: bool) -> bool:
+    if adapter:
+        from peft import PeftConfig
+
+        return PeftConfig.from_pretrained(folder).task_type == "SEQ_2_SEQ_LM"
+    from transformers import AutoConfig
+
+    from qlora_cli.model import is_seq2seq
+
+    return is_seq2seq(AutoConfig.from_pretrained(folder))
+
+
+def _intro(recipe: Recipe, *, merged: bool) -> str:
+    if not recipe.lora.enabled:
+        return (
+            f"Every weight of `{recipe.model.name_or_path}` finetuned (no LoRA) with the `qlora` CLI on "
+            f"`{recipe.data.dataset}`-format data; this folder loads like any transformers model."
+        )
+    q = recipe.quantization
+    frozen = f"{q.bits}-bit {q.quant_type.upper()}" if q.bits == 4 else f"{q.bits}-bit"
+    how = (
+        f"Finetuned the [QLoRA]({PAPER}) way with the `qlora` CLI: `{recipe.model.name_or_path}` stayed frozen in "
+        f"{frozen} while LoRA adapters trained on `{recipe.data.dataset}`-format data."
+    )
+    if merged:
+        return how + " The adapter has since been merged into the base weights: this folder loads without peft."
+    return how + " This folder holds the adapter only; load it on top of the base model."
+
+
+def _snippet(folder: Path, recipe: Recipe, *, seq2seq: bool, adapter: bool) -> str:
+    auto_class = "AutoModelForSeq2SeqLM" if seq2seq else "AutoModelForCausalLM"
+    dtype = _TORCH_DTYPES[recipe.quantization.compute_dtype]
+    where = str(folder)
+    if not adapter:
+        return (
+            "import torch\n"
+            f"from transformers import {auto_class}, AutoTokenizer\n\n"
+            f'model = {auto_class}.from_pretrained("{where}", dtype={dtype}, device_map="auto")\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{where}")\n'
+        )
+    q = recipe.quantization
+    if q.bits == 4:
+        loading = (
+            "    quantization_config=BitsAndBytesConfig(\n"
+            "        load_in_4bit=True,\n"
+            f'        bnb_4bit_quant_type="{q.quant_type}",\n'
+            f"        bnb_4bit_use_double_quant={q.double_quant},\n"
+            f"        bnb_4bit_compute_dtype={dtype},\n"
+            "    ),\n"
+        )
+    elif q.bits == 8:
+        loading = "    quantization_config=BitsAndBytesConfig(load_in_8bit=True),\n"
+    else:
+        loading = f"    dtype={dtype},\n"
+    return (
+        "import torch\n"
+        "from peft import PeftModel\n"
+        f"from transformers import {auto_class}, AutoTokenizer, BitsAndBytesConfig\n\n"
+        f"base = {auto_class}.from_pretrained(\n"
+        f'    "{recipe.model.name_or_path}",\n'
+        f"{loading}"
+        '    device_map="auto",\n'
+        ")\n"
+        f'model = PeftModel.from_pretrained(base, "{where}")  # or the adapter\'s hub id once pushed\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("{where}")\n'
+    )
+
+
+def _prompt_example(recipe: Recipe) -> str:
+    from qlora_cli.data.formats import FORMATS
+
+    return FORMATS[recipe.data.dataset].prompt("<your prompt>")
