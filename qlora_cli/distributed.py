@@ -46,8 +46,7 @@ def deepspeed_zero_stage(path: str) -> int:
         raise QloraError(f"training.deepspeed: config file not found: {path}") from None
     except json.JSONDecodeError as exc:
         raise QloraError(f"training.deepspeed: {path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
-    stage = config.get("zero_optimization", {}).get("stage", 0) if isinstance(config, dict) else 0
-    return int(stage) if str(stage).isdigit() else 0
+    return int(config.get("zero_optimization", {}).get("stage", 0)) if isinstance(config, dict) else 0
 
 
 def check_launch(recipe: Recipe, environ: Mapping[str, str] = os.environ) -> None:
