@@ -53,15 +53,25 @@ def train(
     overrides: Overrides = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a completed run in output_dir.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in output_dir.")] = False,
+    num_processes: Annotated[
+        int, typer.Option("--num-processes", min=1, help="Data-parallel processes started through accelerate launch.")
+    ] = 1,
 ) -> None:
     """Finetune a model with the recipe CONFIG; overrides follow as key.path=value."""
     from qlora_cli.config import load_recipe
 
     recipe = load_recipe(config, overrides or [])
+    if num_processes > 1:
+        from qlora_cli.distributed import launch
+
+        launch(recipe, config, overrides or [], num_processes=num_processes, overwrite=overwrite, resume=resume)
+        return
+    from qlora_cli.distributed import is_main_process
     from qlora_cli.train import train as run_training
 
     result = run_training(recipe, overwrite=overwrite, resume=resume)
-    _print_summary(result)
+    if is_main_process():
+        _print_summary(result)
 
 
 @app.command()

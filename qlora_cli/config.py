@@ -152,7 +152,25 @@ class Recipe(_Section):
             )
         if self.training.fsdp and self.quantization.bits == 8:
             raise ValueError("FSDP cannot shard 8-bit (LLM.int8) weights: use quantization.bits=4 or 16")
+        self._check_engines()
         return self
+
+    def _check_engines(self) -> None:
+        """FSDP shards only floating-point tensors, so packed 4-bit weights must be stored in the compute dtype."""
+        t, q = self.training, self.quantization
+        if t.fsdp and t.deepspeed:
+            raise ValueError("training.fsdp and training.deepspeed are two sharding engines: choose one")
+        if t.fsdp and q.bits == 4 and q.quant_storage != "auto":
+            if q.quant_storage == "uint8" or q.compute_dtype not in ("auto", q.quant_storage):
+                raise ValueError(
+                    f"with training.fsdp, quantization.quant_storage ({q.quant_storage}) must equal the compute dtype "
+                    f"({q.compute_dtype}): set quantization.quant_storage=auto"
+                )
+        if t.deepspeed and q.bits == 4:
+            from qlora_cli.distributed import ZERO3_WITH_4BIT, deepspeed_zero_stage
+
+            if deepspeed_zero_stage(t.deepspeed) == 3:
+                raise ValueError(ZERO3_WITH_4BIT)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

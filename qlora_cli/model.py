@@ -58,6 +58,11 @@ def bnb_config(quant: QuantizationConfig, compute_dtype: torch.dtype, *, fsdp: b
         storage = compute_dtype if fsdp else torch.uint8
     else:
         storage = {"uint8": torch.uint8, **DTYPES}[quant.quant_storage]
+    if fsdp and storage != compute_dtype:
+        raise QloraError(
+            f"with training.fsdp, quantization.quant_storage={quant.quant_storage} must equal the compute dtype "
+            f"({str(compute_dtype).removeprefix('torch.')} here): set quantization.quant_storage=auto"
+        )
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.quant_type,
@@ -103,6 +108,7 @@ def load_model(
     device: str | None = None,
     gradient_checkpointing: bool = False,
     for_training: bool = True,
+    fsdp: bool = False,
 ) -> LoadedModel:
     """Quantized while loading, shard by shard: the full-precision model is never materialized."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
@@ -118,7 +124,7 @@ def load_model(
         **common,
         "dtype": compute_dtype,
         "device_map": {"": device},
-        "quantization_config": bnb_config(quant, compute_dtype),
+        "quantization_config": bnb_config(quant, compute_dtype, fsdp=fsdp),
     }
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
@@ -127,7 +133,7 @@ def load_model(
     ensure_pad_token(tokenizer, model)
     if not for_training:
         model.eval()
-    elif quant.bits in (4, 8):
+    elif quant.bits in (4, 8) and not fsdp:  # FSDP shards the base in its storage dtype: no fp32 upcast
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
@@ -211,7 +217,7 @@ def count_parameters(model: Any) -> tuple[int, int]:
     for param in model.parameters():
         n = param.numel()
         if hasattr(param, "quant_state") or param.dtype == torch.uint8:
-            n *= 2
+            n *= 2 * param.element_size()  # two 4-bit values per byte of the storage dtype (bf16 under FSDP)
         total += n
         if param.requires_grad:
             trainable += n

@@ -24,6 +24,8 @@ from transformers import (
 
 from qlora_cli.config import Recipe
 from qlora_cli.data import PaddingCollator, PreparedData, prepare_data
+from qlora_cli.demo import resolve_builtin_model
+from qlora_cli.distributed import announce_processes, check_launch, fsdp_config, join_processes, quiet_replica
 from qlora_cli.errors import QloraError
 from qlora_cli.model import LoadedModel, add_lora, count_parameters, load_model
 
@@ -42,10 +44,22 @@ class TrainResult:
 def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> TrainResult:
     out = Path(recipe.output_dir)
     check_trackers(recipe.training.report_to)
-    prepare_output_dir(out, overwrite=overwrite, resume=resume)
+    check_launch(recipe)
+    processes = join_processes()
+    if processes.is_main_process:
+        prepare_output_dir(out, overwrite=overwrite, resume=resume)
+    else:
+        quiet_replica()
+    processes.wait_for_everyone()
+    # Built before seeding (so LoRA's init never depends on whether the cache was cold) and by rank 0 first
+    # (under a process group only rank 0 writes a model's weights).
+    with processes.main_process_first():
+        for name in filter(None, (recipe.model.name_or_path, recipe.model.tokenizer)):
+            resolve_builtin_model(name)
     set_seed(recipe.training.seed)
+    t = recipe.training  # under FSDP, FSDP checkpoints activations itself (distributed.fsdp_config)
     loaded = load_model(
-        recipe.model, recipe.quantization, gradient_checkpointing=recipe.training.gradient_checkpointing
+        recipe.model, recipe.quantization, gradient_checkpointing=t.gradient_checkpointing and not t.fsdp, fsdp=t.fsdp
     )
     model = add_lora(loaded.model, recipe.lora, seq2seq=loaded.seq2seq) if recipe.lora.enabled else loaded.model
     data = prepare_data(recipe.data, loaded.tokenizer, seq2seq=loaded.seq2seq, seed=recipe.training.seed)
@@ -53,6 +67,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> T
     is_main = trainer.is_world_process_zero()
     if is_main:
         _announce(recipe, model, data)
+        announce_processes(recipe.training, trainer.args.world_size)
         (out / RECIPE_FILE).write_text(recipe.to_yaml())
 
     held_out = _held_out(recipe, data)
@@ -67,9 +82,8 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> T
         metrics["exact_match_before"] = before
         metrics["exact_match_after"] = _exact_match(recipe, loaded, model, held_out)
         metrics["exact_match_samples"] = len(held_out[0])
+    trainer.save_model(str(out))  # every rank: FSDP gathers the sharded adapter; rank 0 writes it and the tokenizer
     if is_main:
-        model.save_pretrained(out)
-        loaded.tokenizer.save_pretrained(out)
         (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
         write_report_and_card(out, recipe, metrics, trainer.state)
         (out / COMPLETED).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
@@ -133,6 +147,9 @@ def training_arguments(recipe: Recipe, compute_dtype: torch.dtype, *, seq2seq: b
         include_num_input_tokens_seen="non_padding",
         dataloader_pin_memory=on_gpu,
         deepspeed=t.deepspeed,
+        fsdp=t.fsdp,
+        fsdp_config=fsdp_config(t) if t.fsdp else None,
+        log_level_replica="error",
     )
 
 
@@ -272,6 +289,7 @@ def _metrics(trainer: Any, model: Any, runtime: float) -> dict[str, Any]:
         "tokens_per_s": round(state.num_input_tokens_seen / max(runtime, 1e-9), 1),
         "peak_memory_bytes": peak_memory_bytes(),
         "peak_memory_kind": "cuda_max_allocated" if torch.cuda.is_available() else "process_peak_rss",
+        "processes": trainer.args.world_size,
         "trainable_params": trainable,
         "total_params": total,
     }

@@ -1,0 +1,137 @@
+"""One recipe on several processes: the accelerate launch, FSDP-QLoRA settings, and the combinations that fail.
+
+Data parallelism needs nothing beyond a launcher (accelerate launch, torchrun): the Trainer splits every
+global batch over the processes and rank 0 alone writes. FSDP additionally needs the packed 4-bit weights
+stored in the compute dtype (`model.bnb_config(fsdp=True)`), because it shards only floating-point tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from qlora_cli.config import Recipe, TrainingConfig
+from qlora_cli.errors import QloraError
+
+# What `training.fsdp: true` hands the Trainer; configs/accelerate/fsdp_qlora.yaml says the same (a test checks).
+# FSDP2 always trains the original parameters (FSDP1's use_orig_params); a model-level checkpointing would
+# all-gather twice, so FSDP checkpoints the activations itself.
+FSDP_QLORA = {
+    "version": 2,
+    "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+    "cpu_ram_efficient_loading": True,
+    "reshard_after_forward": True,
+    "state_dict_type": "FULL_STATE_DICT",
+}
+
+ZERO3_WITH_4BIT = (
+    "DeepSpeed ZeRO-3 cannot shard 4-bit bitsandbytes weights: use ZeRO-2 (configs/deepspeed/zero2.json) "
+    "or FSDP (training.fsdp=true)"
+)
+
+
+def fsdp_config(training: TrainingConfig) -> dict[str, Any]:
+    return {**FSDP_QLORA, "activation_checkpointing": training.gradient_checkpointing}
+
+
+def deepspeed_zero_stage(path: str) -> int:
+    try:
+        config = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise QloraError(f"training.deepspeed: config file not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise QloraError(f"training.deepspeed: {path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
+    return int(config.get("zero_optimization", {}).get("stage", 0)) if isinstance(config, dict) else 0
+
+
+def check_launch(recipe: Recipe, environ: Mapping[str, str] = os.environ) -> None:
+    """Combinations that only show once we know how the processes were launched."""
+    if environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not recipe.training.fsdp:
+        raise QloraError(
+            "launched with an FSDP accelerate config, but the recipe has training.fsdp=false: add training.fsdp=true "
+            "so the 4-bit weights are stored in a dtype FSDP can shard"
+        )
+    if environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3" and recipe.quantization.bits == 4:
+        raise QloraError(ZERO3_WITH_4BIT)
+    if recipe.training.deepspeed:
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise QloraError("training.deepspeed needs DeepSpeed: pip install 'qlora-cli[deepspeed]'")
+
+
+def join_processes() -> Any:
+    """The launcher's process group (gloo on the CPU), joined before the Trainer so rank 0 alone prepares output_dir."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def announce_processes(training: TrainingConfig, processes: int) -> None:
+    import torch
+
+    if processes > 1:
+        engine = "FSDP" if training.fsdp else "DeepSpeed" if training.deepspeed else "DDP"
+        print(
+            f"{engine} over {processes} processes: global batch {processes * training.effective_batch_size} "
+            f"({processes} x batch_size {training.batch_size} "
+            f"x gradient_accumulation_steps {training.gradient_accumulation_steps})",
+            file=sys.stderr,
+        )
+    if training.fsdp and not torch.cuda.is_available():
+        print("training.fsdp: FSDP shards across GPUs only; on the CPU accelerate runs plain DDP", file=sys.stderr)
+
+
+def is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def quiet_replica() -> None:
+    """Ranks other than 0 would repeat every progress bar and warning; they keep errors only."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    warnings.filterwarnings("ignore")
+
+
+def launch_command(
+    config: Path, overrides: list[str], *, num_processes: int, overwrite: bool = False, resume: bool = False
+) -> list[str]:
+    """`accelerate launch` of this same `qlora train`, one process per GPU (gloo processes on the CPU)."""
+    flags = [*(["--overwrite"] if overwrite else []), *(["--resume"] if resume else [])]
+    return [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
+        "--main_process_port", "0",  # a free port, so two runs on one machine do not collide
+        "--mixed_precision", "no", "--dynamo_backend", "no",  # the recipe decides the precision
+        "-m", "qlora_cli", "train", "--config", str(config), *flags, *overrides,
+    ]  # fmt: skip
+
+
+def launch(
+    recipe: Recipe, config: Path, overrides: list[str], *, num_processes: int, overwrite: bool, resume: bool
+) -> None:
+    import torch
+
+    if "WORLD_SIZE" in os.environ:
+        raise QloraError("--num-processes starts its own processes: drop it when running under a launcher")
+    gpus = torch.cuda.device_count()
+    if gpus and num_processes > gpus:
+        raise QloraError(f"--num-processes {num_processes} but only {gpus} GPUs are visible")
+    check_launch(recipe)
+    command = launch_command(config, overrides, num_processes=num_processes, overwrite=overwrite, resume=resume)
+    code = subprocess.run(command).returncode
+    if code != 0:
+        raise QloraError(f"training failed in a worker process (exit code {code}); the first error above is the cause")
