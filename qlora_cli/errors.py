@@ -7,3 +7,11 @@ class QloraError(Exception):
 
 class ConfigError(QloraError):
     """The recipe or its overrides are invalid; raised before any model is loaded."""
+
+
+class TrainingInterrupted(QloraError):
+    """SIGINT/SIGTERM stopped `qlora train` after a full checkpoint; the exit code follows the shell's 128+N."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
