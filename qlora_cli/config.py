@@ -7,6 +7,7 @@ A recipe is validated once, here, before any model is loaded; everything downstr
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -141,10 +142,43 @@ class Recipe(_Section):
             )
         if self.training.fsdp and self.quantization.bits == 8:
             raise ValueError("FSDP cannot shard 8-bit (LLM.int8) weights: use quantization.bits=4 or 16")
+        if self.training.deepspeed:
+            if self.training.fsdp:
+                raise ValueError("training.fsdp and training.deepspeed are both set: pick one")
+            if _deepspeed_stage(self.training.deepspeed) == 3 and self.quantization.bits != 16:
+                raise ValueError(
+                    f"DeepSpeed ZeRO-3 (training.deepspeed={self.training.deepspeed}) cannot shard a "
+                    f"{self.quantization.bits}-bit base: use training.fsdp=true, ZeRO stage 2, or quantization.bits=16"
+                )
         return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _deepspeed_stage(path: str) -> int | None:
+    try:
+        settings = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ValueError(f"training.deepspeed: cannot read {path} ({exc.strerror})") from None
+    except ValueError as exc:
+        raise ValueError(f"training.deepspeed: {path} is not valid JSON ({exc})") from None
+    stage = settings.get("zero_optimization", {}).get("stage") if isinstance(settings, dict) else None
+    return stage if isinstance(stage, int) else None
+
+
+def check_trainer_choices(training: TrainingConfig) -> None:
+    """Names that only transformers knows (optimizers, schedulers); checked before any model loads."""
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    for key, value, choices in (
+        ("training.optim", training.optim, OptimizerNames),
+        ("training.lr_scheduler", training.lr_scheduler, SchedulerType),
+    ):
+        names = [choice.value for choice in choices]
+        if value not in names:
+            raise ConfigError(f"{key}: unknown value {value!r}{_suggest(value, names)}; one of {', '.join(names)}")
 
 
 # --------------------------------------------------------------------------- loading

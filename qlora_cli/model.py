@@ -217,9 +217,11 @@ def _from_pretrained(loader: Any, name: str, what: str, **kwargs: Any) -> Any:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if os.path.isdir(name):
             raise QloraError(f"cannot load {what} from {name}: {message}") from None
-        if "/" in name and not os.path.exists(name):
-            raise QloraError(
-                f"cannot load {what} {name!r} from the Hugging Face hub ({message}). "
-                "If you are offline, download it once and pass its local folder instead."
-            ) from None
-        raise QloraError(f"{what} not found: {name!r} is neither a local folder nor a hub id ({message})") from None
+        if os.path.exists(name):
+            raise QloraError(f"cannot load {what} from {name}: a file, not a model folder") from None
+        if name.startswith((os.sep, ".", "~")) or name.count("/") > 1:  # a path, not an org/name hub id
+            raise QloraError(f"{what} folder not found: {name}") from None
+        raise QloraError(
+            f"cannot load {what} {name!r} from the Hugging Face hub ({message}). "
+            "If you are offline, download it once and pass its local folder instead."
+        ) from None

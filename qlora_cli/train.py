@@ -32,7 +32,7 @@ from qlora_cli.checkpoint import (
     find_resume_checkpoint,
     latest_checkpoint,
 )
-from qlora_cli.config import Recipe
+from qlora_cli.config import Recipe, check_trainer_choices
 from qlora_cli.data import PaddingCollator, PreparedData, prepare_data
 from qlora_cli.errors import QloraError
 from qlora_cli.guards import GracefulStop, NonFiniteLossGuard, check_adapter, fingerprint
@@ -58,6 +58,7 @@ def train(
     force: bool = False,
 ) -> TrainResult:
     """`resume` continues from the newest complete checkpoint in output_dir, `resume_from` from a given one."""
+    check_trainer_choices(recipe.training)
     out = Path(recipe.output_dir)
     resume = resume or resume_from is not None
     if overwrite and resume:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,8 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, *, seq2seq: bool, seed: int) -
     train, evaluation = load_raw(cfg, fmt)
     skipped: Counter = Counter()
     train = _format(train, fmt, skipped)
+    if len(train) == 0:
+        raise QloraError(f"dataset {_describe_source(cfg, fmt)} has no usable examples ({_skips(skipped)})")
     if evaluation is not None:
         evaluation = _format(evaluation, fmt, skipped)
     elif cfg.eval_size > 0:
@@ -45,8 +49,6 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, *, seq2seq: bool, seed: int) -
         train = train.select(range(min(cfg.max_train_samples, len(train))))
     if evaluation is not None and cfg.max_eval_samples:
         evaluation = evaluation.select(range(min(cfg.max_eval_samples, len(evaluation))))
-    if len(train) == 0:
-        raise QloraError(f"dataset {_describe_source(cfg, fmt)} has no usable examples ({_skips(skipped)})")
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
         return tokenize_batch(tokenizer, batch, cfg, seq2seq=seq2seq)
@@ -67,7 +69,8 @@ def load_raw(cfg: DataConfig, fmt: DatasetFormat) -> tuple[Any, Any | None]:
         try:
             return datasets.load_dataset(builder, data_files={"train": files}, split="train"), None
         except Exception as exc:  # datasets wraps parse errors in several exception types
-            raise QloraError(f"cannot read {', '.join(files)}: {_root_cause(exc)}") from None
+            problem = next(filter(None, map(json_problem, files)), None) if builder == "json" else None
+            raise QloraError(problem or f"cannot read {', '.join(files)}: {_root_cause(exc)}") from None
     hub_id = cfg.hub_id or fmt.hub_id
     if hub_id is None:
         raise QloraError(f"dataset {fmt.name!r} has no hub copy: point data.path at a local file")
@@ -104,6 +107,36 @@ def local_files(cfg: DataConfig) -> list[str]:
         if _suffix(Path(f)) not in _BUILDERS:
             raise QloraError(f"{f}: unsupported file type (use json, jsonl, jsonl.gz, csv or parquet)")
     return files
+
+
+def json_problem(file: str) -> str | None:
+    """Where a JSON or JSON Lines file breaks, by line: datasets' parse errors name neither file nor line."""
+    try:
+        with (gzip.open if file.endswith(".gz") else open)(file, "rt", encoding="utf-8") as handle:
+            text = handle.read()
+    except (UnicodeDecodeError, OSError, EOFError) as exc:
+        return f"{file}: cannot read it as UTF-8 text ({exc})"
+    if not text.strip():
+        return f"{file}: the file is empty"
+    try:
+        json.loads(text)
+        return None  # one valid JSON document
+    except json.JSONDecodeError as whole:
+        document_error = f"{file}:{whole.lineno}: invalid JSON ({whole.msg}, column {whole.colno})"
+    lines = text.splitlines()
+    first = next(number for number, line in enumerate(lines, 1) if line.strip())
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == first:  # not JSON Lines: one document, broken somewhere
+                return document_error
+            return f"{file}:{number}: broken JSON line ({exc.msg}, column {exc.colno})"
+        if not isinstance(record, dict):
+            return f"{file}:{number}: expected one JSON object per line, got {type(record).__name__}"
+    return None
 
 
 def _suffix(path: Path) -> str:
