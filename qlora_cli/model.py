@@ -10,7 +10,7 @@ import torch
 
 from qlora_cli.config import LoraConfig, ModelConfig, QuantizationConfig
 from qlora_cli.demo import resolve_builtin_model
-from qlora_cli.errors import QloraError
+from qlora_cli.errors import QloraError, refusing_pickled_code
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -142,7 +142,8 @@ def load_for_inference(
 
         if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
             raise QloraError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
-        loaded.model = PeftModel.from_pretrained(loaded.model, str(adapter), is_trainable=False)
+        with refusing_pickled_code(adapter):
+            loaded.model = PeftModel.from_pretrained(loaded.model, str(adapter), is_trainable=False)
         loaded.model.eval()
     return loaded
 
@@ -212,7 +213,8 @@ def count_parameters(model: Any) -> tuple[int, int]:
 def _from_pretrained(loader: Any, name: str, what: str, **kwargs: Any) -> Any:
     """Turn the hub's many not-found and offline errors into one clear line with the local-path hint."""
     try:
-        return loader(name, **kwargs)
+        with refusing_pickled_code(name):
+            return loader(name, **kwargs)
     except (OSError, ValueError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if os.path.isdir(name):

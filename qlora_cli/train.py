@@ -34,7 +34,7 @@ from qlora_cli.checkpoint import (
 )
 from qlora_cli.config import Recipe, check_trainer_choices
 from qlora_cli.data import PaddingCollator, PreparedData, prepare_data
-from qlora_cli.errors import QloraError
+from qlora_cli.errors import QloraError, refusing_pickled_code
 from qlora_cli.guards import GracefulStop, NonFiniteLossGuard, check_adapter, fingerprint
 from qlora_cli.model import LoadedModel, add_lora, count_parameters, load_model
 
@@ -88,7 +88,7 @@ def train(
 
     initial = fingerprint(model)
     started = time.perf_counter()
-    with stop.handling_signals(), saver.reporting_failures():
+    with stop.handling_signals(), saver.reporting_failures(), refusing_pickled_code(checkpoint):
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     runtime = time.perf_counter() - started
     if nan_guard.stopped_at is not None:
