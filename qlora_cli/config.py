@@ -212,6 +212,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or str(exc)
+        started = getattr(exc, "context_mark", None)
+        if getattr(exc, "context", None) and started and mark and started.line != mark.line:
+            problem += f" ({exc.context} at line {started.line + 1})"
         raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
     if data is None:
         return {}

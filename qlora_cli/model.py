@@ -217,6 +217,8 @@ def _from_pretrained(loader: Any, name: str, what: str, **kwargs: Any) -> Any:
             return loader(name, **kwargs)
     except (OSError, ValueError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "custom code" in message:
+            message += " Set model.trust_remote_code=true only if you trust that code."
         if os.path.isdir(name):
             raise QloraError(f"cannot load {what} from {name}: {message}") from None
         if os.path.exists(name):

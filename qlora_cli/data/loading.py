@@ -5,9 +5,10 @@ from __future__ import annotations
 import gzip
 import json
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from qlora_cli.config import DataConfig
 from qlora_cli.data.formats import FORMATS, DatasetFormat, SkipRecord
@@ -67,7 +68,8 @@ def load_raw(cfg: DataConfig, fmt: DatasetFormat) -> tuple[Any, Any | None]:
         files = local_files(cfg)
         builder = _builder_for(files[0])
         try:
-            return datasets.load_dataset(builder, data_files={"train": files}, split="train"), None
+            with _without_datasets_error_logs():
+                return datasets.load_dataset(builder, data_files={"train": files}, split="train"), None
         except Exception as exc:  # datasets wraps parse errors in several exception types
             problem = next(filter(None, map(json_problem, files)), None) if builder == "json" else None
             raise QloraError(problem or f"cannot read {', '.join(files)}: {_root_cause(exc)}") from None
@@ -107,6 +109,19 @@ def local_files(cfg: DataConfig) -> list[str]:
         if _suffix(Path(f)) not in _BUILDERS:
             raise QloraError(f"{f}: unsupported file type (use json, jsonl, jsonl.gz, csv or parquet)")
     return files
+
+
+@contextmanager
+def _without_datasets_error_logs() -> Iterator[None]:
+    """datasets logs a parse failure with its traceback before raising; we report the failure in one line."""
+    from datasets.utils import logging as datasets_logging
+
+    level = datasets_logging.get_verbosity()
+    datasets_logging.set_verbosity(datasets_logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets_logging.set_verbosity(level)
 
 
 def json_problem(file: str) -> str | None:
