@@ -7,9 +7,10 @@ import resource
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from transformers import (
@@ -89,7 +90,8 @@ def train(
     initial = fingerprint(model)
     started = time.perf_counter()
     with stop.handling_signals(), saver.reporting_failures(), refusing_pickled_code(checkpoint):
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        with _ending_callbacks_on_failure(trainer):
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     runtime = time.perf_counter() - started
     if nan_guard.stopped_at is not None:
         raise nan_guard.failure(latest_checkpoint(out))
@@ -111,6 +113,16 @@ def train(
         (out / COMPLETED).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
     losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
     return TrainResult(out, metrics, losses)
+
+
+@contextmanager
+def _ending_callbacks_on_failure(trainer: Any) -> Iterator[None]:
+    """Trainer skips on_train_end when it raises: close the progress bar and trackers before the error line."""
+    try:
+        yield
+    except Exception:
+        trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)
+        raise
 
 
 def prepare_output_dir(out: Path, *, overwrite: bool, resume: bool) -> None:

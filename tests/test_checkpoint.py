@@ -210,3 +210,48 @@ def test_group_by_length_order_depends_on_seed_and_epoch_only():
     resumed = skip_first_batches(loader, 3)  # how Trainer fast-forwards on resume
     callback.on_epoch_begin(None, SimpleNamespace(epoch=1.25), None, train_dataloader=loader)
     assert [int(i) for b in resumed for i in b] == order(1.0, rng_seed=5)[12:]
+
+
+# --------------------------------------------------------------------------- a real full disk
+
+
+def _can_mount_tmpfs() -> bool:
+    import subprocess
+
+    probe = "d=$(mktemp -d) && mount -t tmpfs -o size=1m tmpfs $d && umount $d; rmdir $d"
+    try:
+        return subprocess.run(["unshare", "-rm", "sh", "-c", probe], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unshare and mount for a small private tmpfs")
+def test_disk_full_during_a_real_run_keeps_the_earlier_checkpoint(tmp_path):
+    """`qlora train` on a 2.5 MiB tmpfs: checkpoint-2 (~1.8 MiB) fits, checkpoint-4 does not."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    from tests.tiny import write_recipe
+
+    recipe = write_recipe(tmp_path, training={"max_steps": 4, "save_steps": 2})
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    train = shlex.join([sys.executable, "-m", "qlora_cli", "train", "--config", str(recipe), f"output_dir={disk}/run"])
+    result = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=2560k tmpfs {disk} && {train}; "
+         f"cp -r {disk}/run {tmp_path}/after"],  # fmt: skip
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: could not write checkpoint-4") and "disk full" in last_line, result.stderr[-3000:]
+    assert "earlier checkpoints are intact (checkpoint-2)" in last_line
+    after = tmp_path / "after"
+    assert sorted(p.name for p in after.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert find_resume_checkpoint(after) == after / "checkpoint-2"
+    assert not (after / STAGING / "checkpoint-4").exists()
