@@ -52,12 +52,26 @@ def checkpoint_step(path: Path) -> int | None:
     return int(match[1]) if match else None
 
 
-def is_complete(checkpoint: Path) -> bool:
+def trained_steps(checkpoint: Path) -> int | None:
+    """The checkpoint's global step, or None when it is incomplete."""
     try:
         state = json.loads((checkpoint / TRAINER_STATE).read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(state, dict) and "global_step" in state
+        return None
+    step = state.get("global_step") if isinstance(state, dict) else None
+    return step if isinstance(step, int) else None
+
+
+def is_complete(checkpoint: Path) -> bool:
+    return trained_steps(checkpoint) is not None
+
+
+def restore_without_training(trainer: Any, checkpoint: Path) -> None:
+    """For a checkpoint already at max_steps: Trainer.train would run one step past it, so only load it."""
+    from transformers import TrainerState
+
+    trainer._load_from_checkpoint(str(checkpoint))  # the weights, however they were saved (adapter, sharded)
+    trainer.state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE))
 
 
 def checkpoints(run_dir: Path, *, complete: bool = True) -> list[Path]:
@@ -181,21 +195,21 @@ def prune(run_dir: Path, keep: int | None) -> None:
 
 
 @contextmanager
-def staged_folder(run_dir: Path, name: str) -> Iterator[Path]:
-    """Write into `<run_dir>/.staging/<name>`; a failure removes it and says what is left intact."""
+def staged_folder(run_dir: Path, name: str, what: str) -> Iterator[Path]:
+    """Write `what` into `<run_dir>/.staging/<name>`; a failure removes it and says what is left intact."""
     staged = run_dir / STAGING / name
     shutil.rmtree(staged, ignore_errors=True)
     staged.mkdir(parents=True)
     try:
         yield staged
     except Exception as exc:
-        raise QloraError(save_failure(exc, staged, run_dir)) from exc
+        raise QloraError(save_failure(exc, staged, run_dir, what)) from exc
 
 
 @contextmanager
 def final_artifacts(run_dir: Path) -> Iterator[Path]:
     """Write the run's final files into a staged folder, then rename each into `run_dir`."""
-    with staged_folder(run_dir, "final") as staged:
+    with staged_folder(run_dir, "final", "the final adapter") as staged:
         yield staged
         for file in sorted(staged.iterdir()):
             with open(file, "rb") as handle:
@@ -204,7 +218,7 @@ def final_artifacts(run_dir: Path) -> Iterator[Path]:
     clear_staging(run_dir)
 
 
-def save_failure(exc: BaseException, staged: Path, run_dir: Path) -> str:
+def save_failure(exc: BaseException, staged: Path, run_dir: Path, what: str) -> str:
     """One line naming what could not be written, why (disk full?), and that earlier checkpoints are intact."""
     free = shutil.disk_usage(staged.parent if staged.parent.exists() else run_dir).free
     shutil.rmtree(staged, ignore_errors=True)
@@ -213,7 +227,7 @@ def save_failure(exc: BaseException, staged: Path, run_dir: Path) -> str:
     reason = f"disk full ({free / 2**20:.1f} MiB free)" if full else f"{type(cause).__name__}: {cause}"
     intact = ", ".join(p.name for p in checkpoints(run_dir)) or "none yet"
     return (
-        f"could not write {staged.name} in {run_dir}: {reason}. The partial copy was removed; earlier checkpoints "
+        f"could not write {what} in {run_dir}: {reason}. The partial copy was removed; earlier checkpoints "
         f"are intact ({intact}). Free some space, then continue with --resume"
     )
 
@@ -271,7 +285,7 @@ class AtomicCheckpoints(TrainerCallback):
             if self.saving_step is None:
                 raise
             staged = self.run_dir / STAGING / f"checkpoint-{self.saving_step}"
-            raise QloraError(save_failure(exc, staged, self.run_dir)) from exc
+            raise QloraError(save_failure(exc, staged, self.run_dir, staged.name)) from exc
 
 
 class SeededLengthGrouping(TrainerCallback):

@@ -32,6 +32,8 @@ from qlora_cli.checkpoint import (
     final_artifacts,
     find_resume_checkpoint,
     latest_checkpoint,
+    restore_without_training,
+    trained_steps,
 )
 from qlora_cli.config import Recipe, check_trainer_choices
 from qlora_cli.data import PaddingCollator, PreparedData, prepare_data
@@ -89,9 +91,12 @@ def train(
 
     initial = fingerprint(model)
     started = time.perf_counter()
-    with stop.handling_signals(), saver.reporting_failures(), refusing_pickled_code(checkpoint):
-        with _ending_callbacks_on_failure(trainer):
-            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    with stop.handling_signals(), saver.reporting_failures(), refusing_pickled_code(checkpoint or out):
+        if checkpoint is not None and trained_steps(checkpoint) >= recipe.training.max_steps:
+            restore_without_training(trainer, checkpoint)  # e.g. the final save had failed
+        else:
+            with _ending_callbacks_on_failure(trainer):
+                trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     runtime = time.perf_counter() - started
     if nan_guard.stopped_at is not None:
         raise nan_guard.failure(latest_checkpoint(out))

@@ -168,7 +168,7 @@ def test_errors_outside_a_save_pass_through(tmp_path):
 
 
 def test_final_artifacts_appear_only_when_all_are_written(tmp_path):
-    with pytest.raises(QloraError, match="could not write final"):
+    with pytest.raises(QloraError, match="could not write the final adapter"):
         with final_artifacts(tmp_path) as staged:
             (staged / "adapter_model.safetensors").write_bytes(b"half")
             raise RuntimeError("killed")
@@ -183,7 +183,7 @@ def test_final_artifacts_appear_only_when_all_are_written(tmp_path):
 def test_staged_folder_starts_empty(tmp_path):
     (tmp_path / STAGING / "x").mkdir(parents=True)
     (tmp_path / STAGING / "x" / "leftover").write_text("from a crash")
-    with staged_folder(tmp_path, "x") as staged:
+    with staged_folder(tmp_path, "x", "x") as staged:
         assert not any(staged.iterdir())
 
 

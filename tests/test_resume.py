@@ -119,3 +119,20 @@ def test_overwrite_and_resume_together_are_refused(cli, tmp_path):
     recipe = write_recipe(tmp_path)
     code, _, err = cli("train", "--config", str(recipe), f"output_dir={tmp_path / 'x'}", "--resume", "--overwrite")
     assert code == 2 and "--overwrite and --resume" in err
+
+
+def test_resuming_a_run_whose_last_checkpoint_is_final_only_writes_the_adapter(runs, cli, tmp_path):
+    """E.g. the disk filled up while the final adapter was written: no step past max_steps is trained."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["interrupted"], run)
+    (run / "completed").unlink()
+    (run / "adapter_model.safetensors").unlink()
+    code, _, err = cli("train", "--config", str(runs["recipe"]), f"output_dir={run}", "--resume")
+    assert code == 0, err[-3000:]
+    final = load_file(run / "adapter_model.safetensors")
+    saved = load_file(run / f"checkpoint-{MAX_STEPS}" / "adapter_model.safetensors")
+    assert all(torch.equal(final[k], saved[k]) for k in saved)
+    assert json.loads((run / "metrics.json").read_text())["steps"] == MAX_STEPS
+    assert not (run / f"checkpoint-{MAX_STEPS + 1}").exists()
