@@ -219,16 +219,20 @@ def final_artifacts(run_dir: Path) -> Iterator[Path]:
 
 
 def save_failure(exc: BaseException, staged: Path, run_dir: Path, what: str) -> str:
-    """One line naming what could not be written, why (disk full?), and that earlier checkpoints are intact."""
+    """One line naming what could not be written, why, and that earlier checkpoints are intact.
+
+    torch.save reports a full disk only as "unexpected pos ...", so little free space counts as full too.
+    """
     free = shutil.disk_usage(staged.parent if staged.parent.exists() else run_dir).free
     shutil.rmtree(staged, ignore_errors=True)
     cause = _root_cause(exc)
     full = _disk_full(exc) or free < 16 * 2**20
     reason = f"disk full ({free / 2**20:.1f} MiB free)" if full else f"{type(cause).__name__}: {cause}"
     intact = ", ".join(p.name for p in checkpoints(run_dir)) or "none yet"
+    remedy = "Free some space" if full else "Fix that"
     return (
         f"could not write {what} in {run_dir}: {reason}. The partial copy was removed; earlier checkpoints "
-        f"are intact ({intact}). Free some space, then continue with --resume"
+        f"are intact ({intact}). {remedy}, then continue with --resume"
     )
 
 
@@ -259,9 +263,8 @@ class AtomicCheckpoints(TrainerCallback):
         self.saving_step: int | None = None
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if control.should_save:
-            self.saving_step = state.global_step
-            args.output_dir = str(self.run_dir / STAGING)
+        self.saving_step = state.global_step if control.should_save else None
+        args.output_dir = str(self.run_dir / STAGING if control.should_save else self.run_dir)
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         args.output_dir = str(self.run_dir)
@@ -282,9 +285,9 @@ class AtomicCheckpoints(TrainerCallback):
         try:
             yield
         except Exception as exc:
-            if self.saving_step is None:
-                raise
             staged = self.run_dir / STAGING / f"checkpoint-{self.saving_step}"
+            if self.saving_step is None or not staged.exists():  # e.g. evaluation failed on a save step
+                raise
             raise QloraError(save_failure(exc, staged, self.run_dir, staged.name)) from exc
 
 

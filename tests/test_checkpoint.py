@@ -162,8 +162,14 @@ def test_disk_full_while_saving_is_one_clear_error_and_keeps_earlier_checkpoints
 
 
 def test_errors_outside_a_save_pass_through(tmp_path):
+    callback = AtomicCheckpoints(tmp_path, _recipe(), keep=2)
     with pytest.raises(ZeroDivisionError):
-        with AtomicCheckpoints(tmp_path, _recipe(), keep=2).reporting_failures():
+        with callback.reporting_failures():
+            raise ZeroDivisionError
+    with pytest.raises(ZeroDivisionError):  # a save step whose evaluation fails before anything is written
+        with callback.reporting_failures():
+            args = SimpleNamespace(output_dir=str(tmp_path))
+            callback.on_step_end(args, SimpleNamespace(global_step=4), SimpleNamespace(should_save=True))
             raise ZeroDivisionError
 
 
