@@ -81,12 +81,12 @@ def config_show(config: ConfigOption, overrides: Overrides = None) -> None:
 @config_app.command("validate")
 def config_validate(files: Annotated[list[Path], typer.Argument(help="Recipe files to check.")]) -> None:
     """Check recipes without loading any model; exit 2 if any is invalid."""
-    from qlora_cli.config import load_recipe
+    from qlora_cli.config import check_trainer_choices, load_recipe
 
     failures = 0
     for file in files:
         try:
-            load_recipe(file)
+            check_trainer_choices(load_recipe(file).training)
             typer.echo(f"ok      {file}")
         except QloraError as exc:
             failures += 1

@@ -199,3 +199,10 @@ def test_pickled_code_in_an_adapter_is_refused(tmp_path):
     with pytest.raises(QloraError, match=f"refusing to load {adapter}"):
         load_for_inference(ModelConfig(name_or_path="builtin:tiny-llama"), QuantizationConfig(bits=16), adapter)
     assert not (tmp_path / "ran").exists()
+
+
+def test_config_validate_catches_what_only_transformers_knows(cli, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(BASE.replace("max_steps: 10", "max_steps: 10\n  optim: adamw_fancy"))
+    code, _, err = cli("config", "validate", str(recipe))
+    assert code == 2 and "training.optim: unknown value 'adamw_fancy'" in err
