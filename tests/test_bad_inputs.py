@@ -33,75 +33,87 @@ class Case:
     in_tmp: bool = True  # output_dir under the test's folder
 
 
+def _text(id: str, culprit: str, recipe: str, **kwargs) -> Case:
+    return Case(id, culprit, recipe=recipe, **kwargs)
+
+
+def _set(id: str, culprit: str, *overrides: str, files: dict | None = None) -> Case:
+    return Case(id, culprit, files=files or {}, overrides=overrides)
+
+
 def _data(name: str, content: str | bytes, culprit: str) -> Case:
     return Case(f"data-{name}", culprit, files={name: content}, overrides=(*DATA_RUN, f"data.path={{tmp}}/{name}"))
 
 
+def _edit(old: str, new: str) -> str:
+    assert old in BASE
+    return BASE.replace(old, new)
+
+
+NO_SPACE = json.dumps({**RECORD, "output": " "})
 CASES = [
     # recipe keys and values
-    Case("unknown-section", "unknown key modle (did you mean 'model'?)", BASE + "modle: {}\n"),
-    Case("mistyped-key", "unknown key training.learnig_rate", BASE.replace("learning_rate", "learnig_rate")),
-    Case("wrong-type", "training.max_steps", BASE.replace("max_steps: 10", "max_steps: ten")),
-    Case("negative-rank", "lora.r", BASE.replace("r: 8", "r: -1")),
-    Case("dropout-above-one", "lora.dropout", BASE.replace("dropout: 0.1", "dropout: 1.5")),
-    Case("quant-type", "quantization.quant_type", BASE.replace("bits: 4", "bits: 4\n  quant_type: nf5")),
-    Case("compute-dtype", "quantization.compute_dtype", BASE.replace("bits: 4", "bits: 4\n  compute_dtype: bf17")),
-    Case("bits", "quantization.bits", BASE.replace("bits: 4", "bits: 3")),
-    Case("missing-model", "missing required key model", BASE.replace("model:\n  name_or_path: builtin:tiny-llama\n", "")),
-    Case("missing-output-dir", "missing required key output_dir", BASE.replace("output_dir: runs/tiny\n", ""), in_tmp=False),
-    Case("unknown-dataset", "unknown dataset 'alpacca'", BASE.replace("dataset: alpaca", "dataset: alpacca")),
-    Case("unknown-optimizer", "training.optim: unknown value 'adamw_fancy'", overrides=("training.optim=adamw_fancy",)),
-    Case("unknown-scheduler", "training.lr_scheduler: unknown value 'cosinus' (did you mean 'cosine'?)",
-         overrides=("training.lr_scheduler=cosinus",)),  # fmt: skip
+    _text("unknown-section", "unknown key modle (did you mean 'model'?)", BASE + "modle: {}\n"),
+    _text("mistyped-key", "unknown key training.learnig_rate", _edit("learning_rate", "learnig_rate")),
+    _text("wrong-type", "training.max_steps", _edit("max_steps: 10", "max_steps: ten")),
+    _text("negative-rank", "lora.r", _edit("r: 8", "r: -1")),
+    _text("dropout-above-one", "lora.dropout", _edit("dropout: 0.1", "dropout: 1.5")),
+    _text("quant-type", "quantization.quant_type", _edit("bits: 4", "bits: 4\n  quant_type: nf5")),
+    _text("compute-dtype", "quantization.compute_dtype", _edit("bits: 4", "bits: 4\n  compute_dtype: bf17")),
+    _text("bits", "quantization.bits", _edit("bits: 4", "bits: 3")),
+    _text("missing-model", "missing required key model", _edit("model:\n  name_or_path: builtin:tiny-llama\n", "")),
+    _text("missing-output-dir", "missing required key output_dir", _edit("output_dir: runs/tiny\n", ""), in_tmp=False),
+    _text("unknown-dataset", "unknown dataset 'alpacca'", _edit("dataset: alpaca", "dataset: alpacca")),
+    _set("unknown-optimizer", "training.optim: unknown value 'adamw_fancy'", "training.optim=adamw_fancy"),
+    _set("unknown-scheduler", "unknown value 'cosinus' (did you mean 'cosine'?)", "training.lr_scheduler=cosinus"),
     # YAML itself
-    Case("yaml-indentation", "recipe.yaml:4:7: YAML syntax error", "output_dir: x\nmodel:\n  name_or_path: a\n   bad: 1\n"),
-    Case("yaml-unclosed-quote", "while scanning a quoted scalar at line 2", 'output_dir: x\nmodel: {name_or_path: "a}\n'),
-    Case("yaml-tab", "recipe.yaml:3:", "output_dir: x\nmodel:\n\tname_or_path: a\n"),
-    Case("yaml-python-object", "recipe.yaml", "output_dir: !!python/object/apply:os.system ['touch {tmp}/ran']\n"),
-    Case("yaml-not-a-mapping", "a recipe must be a YAML mapping", "- output_dir\n- model\n"),
-    Case("extends-missing", "recipe not found: {tmp}/base.yaml", "extends: base.yaml\n" + BASE),
-    Case("extends-circular", "circular extends", "extends: recipe.yaml\n" + BASE),
+    _text("yaml-indentation", "recipe.yaml:4:7: YAML syntax", "output_dir: x\nmodel:\n  name_or_path: a\n   bad: 1\n"),
+    _text("yaml-unclosed-quote", "a quoted scalar at line 2", 'output_dir: x\nmodel: {name_or_path: "a}\n'),
+    _text("yaml-tab", "recipe.yaml:3:", "output_dir: x\nmodel:\n\tname_or_path: a\n"),
+    _text("yaml-python-object", "recipe.yaml", "output_dir: !!python/object/apply:os.system ['touch {tmp}/ran']"),
+    _text("yaml-not-a-mapping", "a recipe must be a YAML mapping", "- output_dir\n- model\n"),
+    _text("extends-missing", "recipe not found: {tmp}/base.yaml", "extends: base.yaml\n" + BASE),
+    _text("extends-circular", "circular extends", "extends: recipe.yaml\n" + BASE),
     # conflicting options
-    Case("path-and-files", "set data.path or data.data_files, not both", overrides=("data.data_files=[a.json]",)),
-    Case("4bit-full-finetune", "full finetuning (lora.enabled=false) cannot train a 4-bit base",
-         overrides=("lora.enabled=false",)),  # fmt: skip
-    Case("fsdp-8bit", "FSDP cannot shard 8-bit", overrides=("quantization.bits=8", "training.fsdp=true")),
-    Case("zero3-4bit", "DeepSpeed ZeRO-3 (training.deepspeed={tmp}/z3.json) cannot shard a 4-bit base",
-         files={"z3.json": '{"zero_optimization": {"stage": 3}}'}, overrides=("training.deepspeed={tmp}/z3.json",)),  # fmt: skip
-    Case("deepspeed-missing", "training.deepspeed: cannot read {tmp}/ds.json", overrides=("training.deepspeed={tmp}/ds.json",)),
-    Case("deepspeed-broken", "training.deepspeed: {tmp}/ds.json is not valid JSON",
-         files={"ds.json": '{"zero_optimization": '}, overrides=("training.deepspeed={tmp}/ds.json",)),  # fmt: skip
-    Case("fsdp-and-deepspeed", "training.fsdp and training.deepspeed are both set",
-         files={"ds.json": "{}"}, overrides=("training.fsdp=true", "training.deepspeed={tmp}/ds.json")),  # fmt: skip
+    _set("path-and-files", "set data.path or data.data_files, not both", "data.data_files=[a.json]"),
+    _set("4bit-full-finetune", "full finetuning (lora.enabled=false) cannot train a 4-bit base", "lora.enabled=false"),
+    _set("fsdp-8bit", "FSDP cannot shard 8-bit", "quantization.bits=8", "training.fsdp=true"),
+    _set("zero3-4bit", "DeepSpeed ZeRO-3 (training.deepspeed={tmp}/z3.json) cannot shard a 4-bit base",
+         "training.deepspeed={tmp}/z3.json", files={"z3.json": '{"zero_optimization": {"stage": 3}}'}),
+    _set("deepspeed-missing", "training.deepspeed: cannot read {tmp}/ds.json", "training.deepspeed={tmp}/ds.json"),
+    _set("deepspeed-broken", "training.deepspeed: {tmp}/ds.json is not valid JSON",
+         "training.deepspeed={tmp}/ds.json", files={"ds.json": '{"zero_optimization": '}),
+    _set("fsdp-and-deepspeed", "training.fsdp and training.deepspeed are both set",
+         "training.fsdp=true", "training.deepspeed={tmp}/ds.json", files={"ds.json": "{}"}),
     # overrides
-    Case("override-without-value", "not of the form key.path=value", overrides=("training.max_steps",)),
-    Case("override-unknown-key", "unknown key trainng (did you mean 'training'?)", overrides=("trainng.max_steps=1",)),
-    Case("override-wrong-type", "training.batch_size", overrides=("training.batch_size=zero",)),
+    _set("override-without-value", "not of the form key.path=value", "training.max_steps"),
+    _set("override-unknown-key", "unknown key trainng (did you mean 'training'?)", "trainng.max_steps=1"),
+    _set("override-wrong-type", "training.batch_size", "training.batch_size=zero"),
     # models
-    Case("model-folder-missing", "model folder not found: {tmp}/no-such-model", overrides=("model.name_or_path={tmp}/no-such-model",)),
-    Case("model-hub-offline", "If you are offline, download it once and pass its local folder",
-         overrides=("model.name_or_path=qlora-tests/no-such-model",)),  # fmt: skip
-    Case("model-folder-without-config", "cannot load model from {tmp}/empty-model",
-         files={"empty-model/README.md": "nothing here"}, overrides=("model.name_or_path={tmp}/empty-model",)),  # fmt: skip
-    Case("model-is-a-file", "cannot load model from {tmp}/weights.bin: a file",
-         files={"weights.bin": b"\0"}, overrides=("model.name_or_path={tmp}/weights.bin",)),  # fmt: skip
-    Case("model-unknown-builtin", "unknown builtin model 'builtin:huge'", overrides=("model.name_or_path=builtin:huge",)),
+    _set("model-folder-missing", "model folder not found: {tmp}/no-model", "model.name_or_path={tmp}/no-model"),
+    _set("model-hub-offline", "If you are offline, download it once and pass its local folder",
+         "model.name_or_path=qlora-tests/no-such-model"),
+    _set("model-folder-without-config", "cannot load model from {tmp}/empty-model",
+         "model.name_or_path={tmp}/empty-model", files={"empty-model/README.md": "nothing here"}),
+    _set("model-is-a-file", "cannot load model from {tmp}/weights.bin: a file",
+         "model.name_or_path={tmp}/weights.bin", files={"weights.bin": b"\0"}),
+    _set("model-unknown-builtin", "unknown builtin model 'builtin:huge'", "model.name_or_path=builtin:huge"),
     # data files
-    Case("data-missing", "data file not found: {tmp}/nope.jsonl", overrides=(*DATA_RUN, "data.path={tmp}/nope.jsonl")),
-    _data("broken-line.jsonl", f"{GOOD_LINE}\n{GOOD_LINE}\n{GOOD_LINE[:30]}\n{GOOD_LINE}\n", "broken-line.jsonl:3: broken JSON line"),
+    _set("data-missing", "data file not found: {tmp}/nope.jsonl", *DATA_RUN, "data.path={tmp}/nope.jsonl"),
+    _data("broken-line.jsonl", f"{GOOD_LINE}\n\n{GOOD_LINE[:30]}\n", "broken-line.jsonl:3: broken JSON line"),
     _data("broken-doc.json", f"[\n{GOOD_LINE},\n{GOOD_LINE[:-1]} oops}}\n]", "broken-doc.json:3: invalid JSON"),
     _data("empty.jsonl", "", "empty.jsonl: the file is empty"),
     _data("not-objects.jsonl", f"{GOOD_LINE}\n42\n", "not-objects.jsonl:2: expected one JSON object per line"),
     _data("not-utf8.jsonl", b"\xff\xfe\xfa garbage", "not-utf8.jsonl: cannot read it as UTF-8"),
     _data("broken.jsonl.gz", gzip.compress(f"{GOOD_LINE}\n{{oops\n".encode()), "broken.jsonl.gz:2: broken JSON line"),
     _data("wrong-fields.jsonl", '{"question": "a", "answer": "b"}\n' * 3, "missing field 'instruction'"),
-    _data("empty-targets.jsonl", json.dumps({**RECORD, "output": " "}) + "\n", "no usable examples (1 skipped: empty target)"),
+    _data("empty-targets.jsonl", NO_SPACE + "\n", "no usable examples (1 skipped: empty target)"),
     _data("notes.txt", GOOD_LINE, "notes.txt: unsupported file type"),
-    Case("data-folder-without-data", "holds no json", files={"data/readme.md": "x"}, overrides=(*DATA_RUN, "data.path={tmp}/data")),
-    Case("data-too-small-for-eval", "data.eval_size=50 but the dataset has only 1 usable examples",
-         files={"one.jsonl": GOOD_LINE}, overrides=(*DATA_RUN, "data.path={tmp}/one.jsonl", "data.eval_size=50")),  # fmt: skip
-    Case("data-unknown-builtin", "unknown builtin dataset 'builtin:nope'", overrides=(*DATA_RUN, "data.path=builtin:nope")),
-]  # fmt: skip
+    _set("data-folder-without-data", "holds no json", *DATA_RUN, "data.path={tmp}/data", files={"data/readme.md": "x"}),
+    _set("data-too-small-for-eval", "data.eval_size=50 but the dataset has only 1 usable examples",
+         *DATA_RUN, "data.path={tmp}/one.jsonl", "data.eval_size=50", files={"one.jsonl": GOOD_LINE}),
+    _set("data-unknown-builtin", "unknown builtin dataset 'builtin:nope'", *DATA_RUN, "data.path=builtin:nope"),
+]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -169,7 +181,7 @@ def test_remote_code_in_a_model_folder_is_not_run_unless_the_recipe_allows_it(cl
     (model / "evil.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('ran')\n")
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(BASE)
-    code, _, err = cli("train", "--config", str(recipe), f"output_dir={tmp_path / 'run'}", f"model.name_or_path={model}")
+    code, _, err = cli("train", "--config", str(recipe), f"output_dir={tmp_path}/run", f"model.name_or_path={model}")
     assert code == 2 and "custom code" in err and "model.trust_remote_code=true" in err
     assert not (tmp_path / "ran").exists()
 
@@ -183,7 +195,7 @@ def test_pickled_code_in_model_weights_is_refused(cli, tmp_path):
     torch.save({"model.embed_tokens.weight": _RunsCode(tmp_path / "ran")}, model / "pytorch_model.bin")
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(BASE)
-    code, _, err = cli("train", "--config", str(recipe), f"output_dir={tmp_path / 'run'}", f"model.name_or_path={model}")
+    code, _, err = cli("train", "--config", str(recipe), f"output_dir={tmp_path}/run", f"model.name_or_path={model}")
     assert code == 2 and f"refusing to load {model}" in err and "weights_only" in err
     assert not (tmp_path / "ran").exists()
 

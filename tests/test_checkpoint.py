@@ -255,7 +255,8 @@ def test_disk_full_during_a_real_run_keeps_the_earlier_checkpoint(tmp_path):
         timeout=600,
     )
     last_line = result.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("error: could not write checkpoint-4") and "disk full" in last_line, result.stderr[-3000:]
+    assert last_line.startswith("error: could not write checkpoint-4"), result.stderr[-3000:]
+    assert "disk full" in last_line
     assert "earlier checkpoints are intact (checkpoint-2)" in last_line
     after = tmp_path / "after"
     assert sorted(p.name for p in after.glob("checkpoint-*")) == ["checkpoint-2"]

@@ -64,7 +64,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     resumed = run_cli("train", "--config", str(recipe), f"output_dir={interrupted}", "--resume", env=SINGLE_THREAD)
     _, reference_err = reference_run.communicate(timeout=600)
     assert reference_run.returncode == 0, reference_err[-3000:]
-    return {"recipe": recipe, "reference": reference, "interrupted": interrupted, "stopped": stopped, "resumed": resumed}
+    return dict(recipe=recipe, reference=reference, interrupted=interrupted, stopped=stopped, resumed=resumed)
 
 
 def _step(checkpoint_name: str) -> int:
@@ -77,7 +77,8 @@ def test_sigterm_finishes_the_step_saves_a_full_checkpoint_and_says_how_to_resum
     last = stopped["checkpoints"][-1]
     assert 4 <= _step(last) < MAX_STEPS
     assert f"SIGTERM: stopped after step {_step(last)} of {MAX_STEPS}" in stopped["err"]
-    assert f"Resume with: qlora train --config {runs['recipe']} output_dir={runs['interrupted']} --resume" in stopped["err"]
+    command = f"qlora train --config {runs['recipe']} output_dir={runs['interrupted']} --resume"
+    assert f"Resume with: {command}" in stopped["err"]
     assert "completed" not in stopped["files"] and "adapter_model.safetensors" not in stopped["files"]
     assert len(stopped["checkpoints"]) <= 2  # save_total_limit
     for part in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"):
