@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from qlora_cli import __version__
-from qlora_cli.errors import QloraError
+from qlora_cli.errors import QloraError, TrainingInterrupted
 
 app = typer.Typer(
     help="Finetune large language models the QLoRA way.",
@@ -52,24 +52,40 @@ def train(
     config: ConfigOption,
     overrides: Overrides = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a completed run in output_dir.")] = False,
-    resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in output_dir.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue from the newest complete checkpoint in output_dir.")] = False,
+    resume_from: Annotated[
+        Optional[Path],
+        typer.Option(help="Continue from this checkpoint folder (or a run folder's newest); implies --resume."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option(help="Resume even though the recipe changed in a field that affects training.")
+    ] = False,
     num_processes: Annotated[
         int, typer.Option("--num-processes", min=1, help="Data-parallel processes started through accelerate launch.")
     ] = 1,
 ) -> None:
-    """Finetune a model with the recipe CONFIG; overrides follow as key.path=value."""
+    """Finetune a model with the recipe CONFIG; overrides follow as key.path=value.
+
+    SIGINT/SIGTERM stop after the current step with a full checkpoint; --resume picks it up exactly.
+    """
     from qlora_cli.config import load_recipe
 
     recipe = load_recipe(config, overrides or [])
     if num_processes > 1:
         from qlora_cli.distributed import launch
 
-        launch(recipe, config, overrides or [], num_processes=num_processes, overwrite=overwrite, resume=resume)
+        flags = [
+            *(["--overwrite"] if overwrite else []),
+            *(["--resume"] if resume else []),
+            *(["--resume-from", str(resume_from)] if resume_from else []),
+            *(["--force"] if force else []),
+        ]
+        launch(recipe, config, overrides or [], num_processes=num_processes, train_flags=flags)
         return
     from qlora_cli.distributed import is_main_process
     from qlora_cli.train import train as run_training
 
-    result = run_training(recipe, overwrite=overwrite, resume=resume)
+    result = run_training(recipe, overwrite=overwrite, resume=resume, resume_from=resume_from, force=force)
     if is_main_process():
         _print_summary(result)
 
@@ -104,12 +120,12 @@ def config_show(config: ConfigOption, overrides: Overrides = None) -> None:
 @config_app.command("validate")
 def config_validate(files: Annotated[list[Path], typer.Argument(help="Recipe files to check.")]) -> None:
     """Check recipes without loading any model; exit 2 if any is invalid."""
-    from qlora_cli.config import load_recipe
+    from qlora_cli.config import check_trainer_choices, load_recipe
 
     failures = 0
     for file in files:
         try:
-            load_recipe(file)
+            check_trainer_choices(load_recipe(file).training)
             typer.echo(f"ok      {file}")
         except QloraError as exc:
             failures += 1
@@ -197,10 +213,26 @@ def _sparkline(values: list[float], width: int = 40) -> str:
     return "".join(ticks[int((v - low) / span * (len(ticks) - 1))] for v in values)
 
 
+def _resume_command(argv: list[str]) -> str:
+    """The command that was run, minus options that would not resume it, plus --resume."""
+    import shlex
+
+    kept, args = [], iter(argv)
+    for arg in args:
+        if arg == "--resume-from":
+            next(args, None)  # and its value
+        elif arg not in ("--overwrite", "--resume", "--force") and not arg.startswith("--resume-from="):
+            kept.append(arg)
+    return shlex.join(["qlora", *kept, "--resume"])
+
+
 def main() -> None:
     debug = "--debug" in sys.argv[1:]
     try:
         app()
+    except TrainingInterrupted as exc:
+        typer.secho(f"{exc}\nResume with: {_resume_command(sys.argv[1:])}", fg=typer.colors.YELLOW, err=True)
+        sys.exit(exc.exit_code)
     except QloraError as exc:
         if debug:
             raise

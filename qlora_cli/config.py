@@ -176,6 +176,20 @@ class Recipe(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+def check_trainer_choices(training: TrainingConfig) -> None:
+    """Names that only transformers knows (optimizers, schedulers); checked before any model loads."""
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    for key, value, choices in (
+        ("training.optim", training.optim, OptimizerNames),
+        ("training.lr_scheduler", training.lr_scheduler, SchedulerType),
+    ):
+        names = [choice.value for choice in choices]
+        if value not in names:
+            raise ConfigError(f"{key}: unknown value {value!r}{_suggest(value, names)}; one of {', '.join(names)}")
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -207,6 +221,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or str(exc)
+        started = getattr(exc, "context_mark", None)
+        if getattr(exc, "context", None) and started and mark and started.line != mark.line:
+            problem += f" ({exc.context} at line {started.line + 1})"
         raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
     if data is None:
         return {}

@@ -11,7 +11,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,21 +107,20 @@ def quiet_replica() -> None:
 
 
 def launch_command(
-    config: Path, overrides: list[str], *, num_processes: int, overwrite: bool = False, resume: bool = False
+    config: Path, overrides: list[str], *, num_processes: int, train_flags: Sequence[str] = ()
 ) -> list[str]:
     """`accelerate launch` of this same `qlora train`, one process per GPU (gloo processes on the CPU)."""
-    flags = [*(["--overwrite"] if overwrite else []), *(["--resume"] if resume else [])]
     return [
         sys.executable, "-m", "accelerate.commands.launch",
         "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
         "--main_process_port", "0",  # a free port, so two runs on one machine do not collide
         "--mixed_precision", "no", "--dynamo_backend", "no",  # the recipe decides the precision
-        "-m", "qlora_cli", "train", "--config", str(config), *flags, *overrides,
+        "-m", "qlora_cli", "train", "--config", str(config), *train_flags, *overrides,
     ]  # fmt: skip
 
 
 def launch(
-    recipe: Recipe, config: Path, overrides: list[str], *, num_processes: int, overwrite: bool, resume: bool
+    recipe: Recipe, config: Path, overrides: list[str], *, num_processes: int, train_flags: Sequence[str] = ()
 ) -> None:
     import torch
 
@@ -131,7 +130,7 @@ def launch(
     if gpus and num_processes > gpus:
         raise QloraError(f"--num-processes {num_processes} but only {gpus} GPUs are visible")
     check_launch(recipe)
-    command = launch_command(config, overrides, num_processes=num_processes, overwrite=overwrite, resume=resume)
+    command = launch_command(config, overrides, num_processes=num_processes, train_flags=train_flags)
     code = subprocess.run(command).returncode
     if code != 0:
         raise QloraError(f"training failed in a worker process (exit code {code}); the first error above is the cause")

@@ -10,7 +10,7 @@ import torch
 
 from qlora_cli.config import LoraConfig, ModelConfig, QuantizationConfig
 from qlora_cli.demo import resolve_builtin_model
-from qlora_cli.errors import QloraError
+from qlora_cli.errors import QloraError, refusing_pickled_code
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -157,7 +157,8 @@ def load_for_inference(
 
         if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
             raise QloraError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
-        loaded.model = PeftModel.from_pretrained(loaded.model, str(adapter), is_trainable=False)
+        with refusing_pickled_code(adapter):
+            loaded.model = PeftModel.from_pretrained(loaded.model, str(adapter), is_trainable=False)
         loaded.model.eval()
     return loaded
 
@@ -227,14 +228,19 @@ def count_parameters(model: Any) -> tuple[int, int]:
 def _from_pretrained(loader: Any, name: str, what: str, **kwargs: Any) -> Any:
     """Turn the hub's many not-found and offline errors into one clear line with the local-path hint."""
     try:
-        return loader(name, **kwargs)
+        with refusing_pickled_code(name):
+            return loader(name, **kwargs)
     except (OSError, ValueError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "custom code" in message:
+            message += " Set model.trust_remote_code=true only if you trust that code."
         if os.path.isdir(name):
             raise QloraError(f"cannot load {what} from {name}: {message}") from None
-        if "/" in name and not os.path.exists(name):
-            raise QloraError(
-                f"cannot load {what} {name!r} from the Hugging Face hub ({message}). "
-                "If you are offline, download it once and pass its local folder instead."
-            ) from None
-        raise QloraError(f"{what} not found: {name!r} is neither a local folder nor a hub id ({message})") from None
+        if os.path.exists(name):
+            raise QloraError(f"cannot load {what} from {name}: a file, not a model folder") from None
+        if name.startswith((os.sep, ".", "~")) or name.count("/") > 1:  # a path, not an org/name hub id
+            raise QloraError(f"{what} folder not found: {name}") from None
+        raise QloraError(
+            f"cannot load {what} {name!r} from the Hugging Face hub ({message}). "
+            "If you are offline, download it once and pass its local folder instead."
+        ) from None

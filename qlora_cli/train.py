@@ -7,9 +7,10 @@ import resource
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from transformers import (
@@ -22,15 +23,27 @@ from transformers import (
     set_seed,
 )
 
-from qlora_cli.config import Recipe
+from qlora_cli.checkpoint import (
+    RECIPE_FILE,
+    AtomicCheckpoints,
+    SeededLengthGrouping,
+    check_recipe_drift,
+    clear_staging,
+    final_artifacts,
+    find_resume_checkpoint,
+    latest_checkpoint,
+    restore_without_training,
+    trained_steps,
+)
+from qlora_cli.config import Recipe, check_trainer_choices
 from qlora_cli.data import PaddingCollator, PreparedData, prepare_data
 from qlora_cli.demo import resolve_builtin_model
 from qlora_cli.distributed import announce_processes, check_launch, fsdp_config, join_processes, quiet_replica
-from qlora_cli.errors import QloraError
+from qlora_cli.errors import QloraError, refusing_pickled_code
+from qlora_cli.guards import GracefulStop, NonFiniteLossGuard, check_adapter, fingerprint
 from qlora_cli.model import LoadedModel, add_lora, count_parameters, load_model
 
 COMPLETED = "completed"
-RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.json"
 
 
@@ -41,16 +54,31 @@ class TrainResult:
     losses: list[tuple[int, float]] = field(default_factory=list)
 
 
-def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> TrainResult:
+def train(
+    recipe: Recipe,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    resume_from: Path | None = None,
+    force: bool = False,
+) -> TrainResult:
+    """`resume` continues from the newest complete checkpoint in output_dir, `resume_from` from a given one."""
+    check_trainer_choices(recipe.training)
     out = Path(recipe.output_dir)
     check_trackers(recipe.training.report_to)
     check_launch(recipe)
+    resume = resume or resume_from is not None
+    if overwrite and resume:
+        raise QloraError("--overwrite and --resume contradict each other: pick one")
     processes = join_processes()
     if processes.is_main_process:
         prepare_output_dir(out, overwrite=overwrite, resume=resume)
     else:
         quiet_replica()
     processes.wait_for_everyone()
+    checkpoint = find_resume_checkpoint(resume_from or out) if resume else None
+    if checkpoint is not None:
+        check_recipe_drift(checkpoint, recipe, force=force)
     # Built before seeding (so LoRA's init never depends on whether the cache was cold) and by rank 0 first
     # (under a process group only rank 0 writes a model's weights).
     with processes.main_process_first():
@@ -64,6 +92,10 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> T
     model = add_lora(loaded.model, recipe.lora, seq2seq=loaded.seq2seq) if recipe.lora.enabled else loaded.model
     data = prepare_data(recipe.data, loaded.tokenizer, seq2seq=loaded.seq2seq, seed=recipe.training.seed)
     trainer = build_trainer(recipe, loaded, model, data)
+    stop, nan_guard = GracefulStop(), NonFiniteLossGuard(recipe.training.max_bad_steps)
+    saver = AtomicCheckpoints(out, recipe, keep=recipe.training.save_total_limit)
+    for callback in (SeededLengthGrouping(recipe.training.seed), stop, nan_guard, saver):  # saver acts last
+        trainer.add_callback(callback)
     is_main = trainer.is_world_process_zero()
     if is_main:
         _announce(recipe, model, data)
@@ -73,22 +105,48 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> T
     held_out = _held_out(recipe, data)
     before = _exact_match(recipe, loaded, model, held_out) if held_out else None
 
+    initial = fingerprint(model)
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    with stop.handling_signals(), saver.reporting_failures(), refusing_pickled_code(checkpoint or out):
+        if checkpoint is not None and trained_steps(checkpoint) >= recipe.training.max_steps:
+            restore_without_training(trainer, checkpoint)  # e.g. the final save had failed
+        else:
+            with _ending_callbacks_on_failure(trainer):
+                trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     runtime = time.perf_counter() - started
+    if nan_guard.stopped_at is not None:
+        raise nan_guard.failure(latest_checkpoint(out))
+    if stop.signum is not None and trainer.state.global_step < trainer.state.max_steps:
+        raise stop.interrupted(trainer.state, out)
 
     metrics = _metrics(trainer, model, runtime)
     if held_out:
         metrics["exact_match_before"] = before
         metrics["exact_match_after"] = _exact_match(recipe, loaded, model, held_out)
         metrics["exact_match_samples"] = len(held_out[0])
-    trainer.save_model(str(out))  # every rank: FSDP gathers the sharded adapter; rank 0 writes it and the tokenizer
+    # Under FSDP every rank takes part in gathering the sharded adapter; rank 0 alone writes it.
+    state_dict = trainer.accelerator.get_state_dict(trainer.model) if t.fsdp else None
     if is_main:
-        (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        for warning in check_adapter(model, initial):
+            print(f"warning: {warning}", file=sys.stderr)
+        with final_artifacts(out) as staged:
+            model.save_pretrained(staged, state_dict=state_dict)
+            loaded.tokenizer.save_pretrained(staged)
+            (staged / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
         write_report_and_card(out, recipe, metrics, trainer.state)
         (out / COMPLETED).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
     losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
     return TrainResult(out, metrics, losses)
+
+
+@contextmanager
+def _ending_callbacks_on_failure(trainer: Any) -> Iterator[None]:
+    """Trainer skips on_train_end when it raises: close the progress bar and trackers before the error line."""
+    try:
+        yield
+    except Exception:
+        trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)
+        raise
 
 
 def prepare_output_dir(out: Path, *, overwrite: bool, resume: bool) -> None:
@@ -107,6 +165,7 @@ def prepare_output_dir(out: Path, *, overwrite: bool, resume: bool) -> None:
                 "or --overwrite to start over"
             )
     out.mkdir(parents=True, exist_ok=True)
+    clear_staging(out)
 
 
 def training_arguments(recipe: Recipe, compute_dtype: torch.dtype, *, seq2seq: bool, has_eval: bool) -> Any:
@@ -132,7 +191,7 @@ def training_arguments(recipe: Recipe, compute_dtype: torch.dtype, *, seq2seq: b
         logging_steps=t.logging_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        save_total_limit=None,  # checkpoint.prune applies it once a checkpoint is published
         eval_strategy="steps" if evaluate else "no",
         eval_steps=t.eval_steps if evaluate else None,
         seed=t.seed,

@@ -86,7 +86,7 @@ def test_two_process_ddp_adapter_matches_one_process_with_the_same_global_batch(
 
 
 def test_launch_command_relaunches_this_train_through_accelerate() -> None:
-    command = launch_command(DEMO, ["lora.r=8"], num_processes=3, overwrite=True)
+    command = launch_command(DEMO, ["lora.r=8"], num_processes=3, train_flags=["--overwrite"])
     assert command[1:3] == ["-m", "accelerate.commands.launch"]
     assert command[command.index("--num_processes") + 1] == "3"
     assert "--multi_gpu" in command

@@ -34,6 +34,8 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, *, seq2seq: bool, seed: int) -
     train, evaluation = load_raw(cfg, fmt)
     skipped: Counter = Counter()
     train = _format(train, fmt, skipped)
+    if len(train) == 0:
+        raise QloraError(f"dataset {_describe_source(cfg, fmt)} has no usable examples ({_skips(skipped)})")
     if evaluation is not None:
         evaluation = _format(evaluation, fmt, skipped)
     elif cfg.eval_size > 0:
@@ -48,8 +50,6 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, *, seq2seq: bool, seed: int) -
         train = train.select(range(min(cfg.max_train_samples, len(train))))
     if evaluation is not None and cfg.max_eval_samples:
         evaluation = evaluation.select(range(min(cfg.max_eval_samples, len(evaluation))))
-    if len(train) == 0:
-        raise QloraError(f"dataset {_describe_source(cfg, fmt)} has no usable examples ({_skips(skipped)})")
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
         return tokenize_batch(tokenizer, batch, cfg, seq2seq=seq2seq)
