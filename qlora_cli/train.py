@@ -147,6 +147,10 @@ def build_trainer(recipe: Recipe, loaded: LoadedModel, model: Any, data: Prepare
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(TrainingProgress())
+    if recipe.eval.mmlu:
+        from qlora_cli.eval.mmlu import MmluCallback
+
+        trainer.add_callback(MmluCallback(trainer, recipe.eval.mmlu, seq2seq=loaded.seq2seq))
     return trainer
 
 
