@@ -107,7 +107,7 @@ class MmluShots(str, Enum):
 
 @eval_app.command("mmlu")
 def eval_mmlu(
-    model: Annotated[Optional[str], typer.Option(help="Base model: hub id, local folder or builtin:tiny-llama.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Base model: hub id, local folder or builtin:tiny-llama")] = None,
     adapter: Annotated[Optional[str], typer.Option(help="Trained LoRA adapter folder.", show_default=False)] = None,
     quantization: Annotated[
         Optional[Quantization], typer.Option(help="Load the base as: default nf4, or the recipe's.", show_default=False)

@@ -173,6 +173,8 @@ class TrainingProgress(TrainerCallback):
             self.bar.update(state.global_step - self.bar.n)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if self.bar is not None and logs and "mmlu_accuracy" in logs:
+            self.bar.write(f"step {state.global_step}: MMLU {100 * logs['mmlu_accuracy']:.1f}% (mean over subjects)")
         if self.bar is None or not logs or "loss" not in logs:
             return
         now, tokens = time.perf_counter(), state.num_input_tokens_seen

@@ -128,7 +128,11 @@ def test_hub_offline_says_how_to_use_local_data():
 
 def test_paper_json_lines_are_read_as_built(tmp_path):
     path = tmp_path / "zero_shot_mmlu_val.json"
-    rows = [{"subject": s, "input": f"{s} {i}\nAnswer:", "output": "ABCD"[i]} for s in ("anatomy", "virology") for i in range(3)]
+    rows = [
+        {"subject": s, "input": f"{s} {i}\nAnswer:", "output": "ABCD"[i]}
+        for s in ("anatomy", "virology")
+        for i in range(3)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     by_folder = load_items(MmluEvalConfig(data=str(tmp_path), split="val", shots=0, limit=2), None)
     assert [(i.subject, i.index, i.prompt, i.answer, i.shots) for i in by_folder] == [
@@ -166,15 +170,23 @@ def test_scores_equal_logits_computed_by_hand(tiny_llama):
     model, tokenizer = tiny_llama.model, tiny_llama.tokenizer
     prompts, groups = _prompts()
     letters = letter_token_ids(tokenizer)
+    bos = tokenizer.bos_token_id
     with torch.no_grad():
         by_hand = torch.stack(
             [
-                model(input_ids=torch.tensor([[tokenizer.bos_token_id, *tokenizer(p, add_special_tokens=False)["input_ids"]]]))
-                .logits[0, -1, letters]
+                model(input_ids=torch.tensor([[bos, *tokenizer(p, add_special_tokens=False).input_ids]])).logits[0, -1]
                 for p in prompts
             ]
-        )
-    scored = score_prompts(model, tokenizer, prompts, seq2seq=False, batch_size=4, groups=groups)
+        )[:, letters]
+    reused_cache = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: reused_cache.append(kwargs.get("past_key_values") is not None), with_kwargs=True
+    )
+    try:
+        scored = score_prompts(model, tokenizer, prompts, seq2seq=False, batch_size=4, groups=groups)
+    finally:
+        hook.remove()
+    assert reused_cache.count(True) == 4  # two groups of five in batches of 4: each group's prefix encoded once
     torch.testing.assert_close(scored, by_hand, atol=1e-4, rtol=1e-4)
     assert scored.argmax(1).tolist() == by_hand.argmax(1).tolist()
 
@@ -277,8 +289,9 @@ def test_callback_logs_mmlu_during_training_and_the_command_reproduces_it(cli, h
     code, _, err = cli("eval", "mmlu", "--config", str(recipe), "--data", str(hendrycks))
     assert code == 2 and "holds no trained adapter" in err
 
-    code, _, err = cli("train", "--config", str(recipe))
+    code, out, err = cli("train", "--config", str(recipe))
     assert code == 0, err
+    assert "step 2: MMLU" in out + err
     history = json.loads((run / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
     logged = next(e for e in history if "mmlu_accuracy" in e)
     assert logged["step"] == 2

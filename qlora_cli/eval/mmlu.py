@@ -13,6 +13,7 @@ import csv
 import difflib
 import inspect
 import json
+import os
 from collections import defaultdict
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -261,11 +262,11 @@ def score_prompts(
 ) -> torch.Tensor:
     """The four letter logits of each prompt's next token, shape (len(prompts), 4), in prompt order.
 
-    Prompts with the same `groups` key (a subject's five-shot prompts) share their leading tokens: a
-    decoder-only model encodes those once and reuses the cache for every question, which is where most
-    of the speed comes from. Questions are batched longest first and padded on the left, with position
-    ids counted over real tokens only, so every row's last position is exactly its own prompt's end.
-    Seq2seq models score the first decoder token.
+    Prompts with the same `groups` key (a subject's five-shot prompts) share their leading tokens; when
+    those are at least half of the group's tokens, a decoder-only model encodes them once and reuses the
+    cache for every question, which is where most of the speed on a CPU comes from. Questions are batched
+    longest first and padded on the left, with position ids counted over real tokens only, so every row's
+    last position is exactly its own prompt's end. Seq2seq models score the first decoder token.
     """
     letters = letter_token_ids(tokenizer)
     encoded = [
@@ -273,15 +274,19 @@ def score_prompts(
         for ids in tokenizer(prompts, add_special_tokens=False, verbose=False)["input_ids"]
     ]
     accepts = _forward_arguments(model)
-    share_prefix = not seq2seq and "past_key_values" in accepts
     members: dict[Hashable, list[int]] = defaultdict(list)
-    for i, key in enumerate(groups if groups is not None and share_prefix else [None] * len(prompts)):
-        members[key].append(i)
-    plan = []  # (shared prefix length, rows of one batch)
+    if groups is not None and not seq2seq and "past_key_values" in accepts:
+        for i, key in enumerate(groups):
+            members[key].append(i)
+    pooled = [] if members else list(range(len(prompts)))
+    plan = []  # (shared prefix length, rows of one batch), a group's batches one after another
     for rows in members.values():
-        shared = _common_prefix_length([encoded[i] for i in rows]) if share_prefix else 0
-        rows = sorted(rows, key=lambda i: -len(encoded[i]))
-        plan += [(shared, rows[start : start + batch_size]) for start in range(0, len(rows), batch_size)]
+        shared = _common_prefix_length([encoded[i] for i in rows])
+        if 2 * shared * len(rows) < sum(len(encoded[i]) for i in rows):
+            pooled += rows  # not worth a cache: zero-shot prompts share little more than the header
+        else:
+            plan += _batches(rows, encoded, batch_size, shared)
+    plan += _batches(pooled, encoded, batch_size, 0)
 
     collate = PaddingCollator(tokenizer.pad_token_id, padding_side="right" if seq2seq else "left")
     device = next(model.parameters()).device
@@ -326,12 +331,13 @@ def score_prompts(
 
 def _common_prefix_length(sequences: list[list[int]]) -> int:
     """Tokens all sequences start with, leaving each at least its last token to score."""
-    shortest = min(len(s) for s in sequences)
-    first = sequences[0]
-    n = 0
-    while n < shortest - 1 and all(s[n] == first[n] for s in sequences):
-        n += 1
-    return n
+    return min(len(os.path.commonprefix(sequences)), min(len(s) for s in sequences) - 1)
+
+
+def _batches(rows: list[int], encoded: list[list[int]], batch_size: int, shared: int) -> list[tuple[int, list[int]]]:
+    """Longest first, so each batch holds prompts of similar length and little padding."""
+    rows = sorted(rows, key=lambda i: -len(encoded[i]))
+    return [(shared, rows[start : start + batch_size]) for start in range(0, len(rows), batch_size)]
 
 
 def _forward_arguments(model: Any) -> set[str]:
@@ -367,11 +373,11 @@ class MmluResult:
         """The paper's MMLU number: every subject weighs the same, however many questions it has."""
         return sum(a.accuracy for a in self.subjects.values()) / max(len(self.subjects), 1)
 
-    def metrics(self, prefix: str = "mmlu") -> dict[str, float]:
+    def metrics(self) -> dict[str, float]:
         """Flat numbers for the Trainer's log: `mmlu_accuracy` and `mmlu_accuracy_<category>`."""
-        out = {f"{prefix}_accuracy": self.mean_subject_accuracy}
+        out = {"mmlu_accuracy": self.mean_subject_accuracy}
         for name, acc in self.categories.items():
-            out[f"{prefix}_accuracy_{name.replace(' ', '_')}"] = acc.accuracy
+            out[f"mmlu_accuracy_{name.replace(' ', '_')}"] = acc.accuracy
         return out
 
     def as_dict(self, settings: dict[str, Any]) -> dict[str, Any]:
@@ -449,7 +455,9 @@ def run_mmlu(
     """`qlora eval mmlu`: load the model (and adapter), build the prompts, score, write the files asked for."""
     loaded = load_for_inference(model_cfg, quant, adapter)
     items = load_items(cfg, loaded.tokenizer)
-    result = evaluate(loaded.model, loaded.tokenizer, items, seq2seq=loaded.seq2seq, batch_size=cfg.batch_size, progress=True)
+    result = evaluate(
+        loaded.model, loaded.tokenizer, items, seq2seq=loaded.seq2seq, batch_size=cfg.batch_size, progress=True
+    )
     settings = {
         "model": model_cfg.name_or_path,
         "adapter": adapter,
@@ -479,7 +487,8 @@ def format_table(result: MmluResult) -> str:
     lines.append(
         f"{'mean over subjects':<{width}}  {len(result.subjects):>9} subj  {result.mean_subject_accuracy:>8.1%}"
     )
-    lines.append(f"{'over questions':<{width}}  {'':<15}  {result.questions.total:>5}  {result.questions.accuracy:>8.1%}")
+    questions = result.questions
+    lines.append(f"{'over questions':<{width}}  {'':<15}  {questions.total:>5}  {questions.accuracy:>8.1%}")
     return "\n".join(lines)
 
 
@@ -503,7 +512,8 @@ class MmluCallback(TrainerCallback):
     """Every `every_n_steps`, score MMLU with the model being trained and log it with the other metrics.
 
     Holds the trainer to log through it (as the paper's callback does), so the numbers reach
-    `log_history`, metrics.json and every tracker. Every process scores, so FSDP shards stay in step.
+    `log_history` and every tracker. Every process scores the same questions, so none is left waiting
+    for the others at the next training step.
     """
 
     def __init__(self, trainer: Any, cfg: MmluEvalConfig, *, seq2seq: bool) -> None:
