@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--split", default="test", choices=["test", "val"])
     parser.add_argument("--shots", type=int, default=5, choices=[0, 5])
     parser.add_argument("--subjects", default=SUBJECTS)
-    parser.add_argument("--limit", type=int, default=12, help="questions per subject")
+    parser.add_argument("--limit", type=int, default=40, help="questions per subject")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=2048)
     args = parser.parse_args()
