@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -23,6 +24,8 @@ data_app = typer.Typer(help="The dataset registry, and a recipe's data as traini
 app.add_typer(data_app, name="data")
 recipes_app = typer.Typer(help="List the bundled recipes, or copy one to edit.", invoke_without_command=True)
 app.add_typer(recipes_app, name="recipes")
+eval_app = typer.Typer(help="Evaluate a model or a finetuned run.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Recipe YAML file.", show_default=False)]
 Overrides = Annotated[
@@ -181,6 +184,65 @@ def recipes_copy(
     from qlora_cli.recipes import copy_recipe
 
     typer.echo(f"Wrote {copy_recipe(name, dest, force=force)}")
+
+
+class Quantization(str, Enum):
+    nf4 = "nf4"
+    fp4 = "fp4"
+    int8 = "int8"
+    none = "none"
+
+
+class MmluSplit(str, Enum):
+    test = "test"
+    val = "val"
+
+
+class MmluShots(str, Enum):
+    five = "5"
+    zero = "0"
+
+
+@eval_app.command("mmlu")
+def eval_mmlu(
+    model: Annotated[Optional[str], typer.Option(help="Base model: hub id, local folder or builtin:tiny-llama")] = None,
+    adapter: Annotated[Optional[str], typer.Option(help="Trained LoRA adapter folder.", show_default=False)] = None,
+    quantization: Annotated[
+        Optional[Quantization], typer.Option(help="Load the base as: default nf4, or the recipe's.", show_default=False)
+    ] = None,
+    config: Annotated[
+        Optional[Path], typer.Option("--config", "-c", help="Recipe: model, quantization and its run's adapter.")
+    ] = None,
+    data: Annotated[
+        Optional[str], typer.Option(help="Hendrycks folder, or the paper's JSON Lines; default: cais/mmlu (hub).")
+    ] = None,
+    split: Annotated[MmluSplit, typer.Option(help="Questions to score.")] = MmluSplit.test,
+    shots: Annotated[MmluShots, typer.Option(help="Dev examples before each question.")] = MmluShots.five,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N questions of each subject.")] = None,
+    subjects: Annotated[Optional[str], typer.Option(help="Comma-separated subjects, e.g. anatomy,virology.")] = None,
+    max_length: Annotated[int, typer.Option(min=1, help="Longest prompt in tokens; drop shots to fit.")] = 2048,
+    output: Annotated[Optional[Path], typer.Option(help="Write all results and settings as JSON.")] = None,
+    predictions: Annotated[Optional[Path], typer.Option(help="Write one JSON line per question.")] = None,
+) -> None:
+    """MMLU accuracy as the QLoRA paper reports it (5-shot mean over subjects); 0-shot too."""
+    from qlora_cli.config import MmluEvalConfig, load_recipe
+    from qlora_cli.eval.mmlu import format_table, run_mmlu
+    from qlora_cli.model import inference_target
+
+    recipe = load_recipe(config) if config else None
+    target = inference_target(recipe, model, quantization and quantization.value, adapter)
+    cfg = MmluEvalConfig(
+        data=data,
+        split=split.value,
+        shots=int(shots.value),
+        limit=limit,
+        subjects=subjects.split(",") if subjects else None,
+        batch_size=batch_size,
+        max_length=max_length,
+    )
+    result = run_mmlu(*target, cfg, output=output, predictions=predictions)
+    typer.echo(format_table(result))
 
 
 def _print_summary(result) -> None:

@@ -39,6 +39,15 @@ class QuantizationConfig(_Section):
         "auto", description="Storage dtype of packed 4-bit weights; FSDP needs it equal to the compute dtype."
     )
 
+    @classmethod
+    def named(cls, name: Literal["nf4", "fp4", "int8", "none"]) -> QuantizationConfig:
+        """The inference commands' --quantization: nf4 (the paper's, with double quant), fp4, int8, none (16-bit)."""
+        if name == "int8":
+            return cls(bits=8)
+        if name == "none":
+            return cls(bits=16)
+        return cls(bits=4, quant_type=name)
+
 
 class LoraConfig(_Section):
     enabled: bool = Field(True, description="false = full finetuning (needs quantization.bits=16).")
@@ -124,6 +133,7 @@ class MmluEvalConfig(_Section):
     data: str | None = Field(None, description="Hendrycks folder or paper JSON; default: the hub's cais/mmlu.")
     batch_size: int = Field(4, gt=0)
     max_length: int = Field(2048, gt=0)
+    subjects: list[str] | None = Field(None, description="Only these subjects; default: all in the data.")
 
 
 class EvalConfig(_Section):

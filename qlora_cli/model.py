@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from qlora_cli.config import LoraConfig, ModelConfig, QuantizationConfig
+from qlora_cli.config import LoraConfig, ModelConfig, QuantizationConfig, Recipe
 from qlora_cli.demo import resolve_builtin_model
 from qlora_cli.errors import QloraError, refusing_pickled_code
 
@@ -161,6 +161,30 @@ def load_for_inference(
             loaded.model = PeftModel.from_pretrained(loaded.model, str(adapter), is_trainable=False)
         loaded.model.eval()
     return loaded
+
+
+def inference_target(
+    recipe: Recipe | None, model: str | None, quantization: str | None, adapter: str | None
+) -> tuple[ModelConfig, QuantizationConfig, str | None]:
+    """What an inference command loads: its --model/--quantization/--adapter, or what a recipe's run produced.
+
+    With a recipe, the run's output_dir is the adapter (LoRA) or the model itself (full finetuning);
+    --model, --quantization and --adapter still override.
+    """
+    if recipe is None:
+        if model is None:
+            raise QloraError("pass --model (a hub id, a local folder or builtin:tiny-llama) or --config RECIPE")
+        return ModelConfig(name_or_path=model), QuantizationConfig.named(quantization or "nf4"), adapter
+    quant = recipe.quantization if quantization is None else QuantizationConfig.named(quantization)
+    if model is not None:
+        return ModelConfig(name_or_path=model), quant, adapter
+    run = recipe.output_dir
+    if adapter is None and recipe.lora.enabled:
+        if not os.path.isfile(os.path.join(run, "adapter_config.json")):
+            raise QloraError(f"output_dir {run} holds no trained adapter yet: train first, or pass --adapter")
+        adapter = run
+    model_cfg = recipe.model if recipe.lora.enabled else recipe.model.model_copy(update={"name_or_path": run})
+    return model_cfg, quant, adapter
 
 
 def ensure_pad_token(tokenizer: Any, model: Any) -> None:

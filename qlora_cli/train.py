@@ -224,8 +224,12 @@ def build_trainer(recipe: Recipe, loaded: LoadedModel, model: Any, data: Prepare
         processing_class=loaded.tokenizer,
     )
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(TrainingProgress())
     trainer.add_callback(StepStats())
+    trainer.add_callback(TrainingProgress())
+    if recipe.eval.mmlu:
+        from qlora_cli.eval.mmlu import MmluCallback
+
+        trainer.add_callback(MmluCallback(trainer, recipe.eval.mmlu, seq2seq=loaded.seq2seq))
     return trainer
 
 
@@ -254,25 +258,23 @@ class TrainingProgress(TrainerCallback):
 
     def __init__(self) -> None:
         self.bar: Any = None
-        self._last: tuple[float, int] = (0.0, 0)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="Training", dynamic_ncols=True)
-            self._last = (time.perf_counter(), state.num_input_tokens_seen)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if self.bar is not None and logs and "mmlu_accuracy" in logs:
+            self.bar.write(f"step {state.global_step}: MMLU {100 * logs['mmlu_accuracy']:.1f}% (mean over subjects)")
         if self.bar is None or not logs or "loss" not in logs:
             return
-        now, tokens = time.perf_counter(), state.num_input_tokens_seen
-        rate = (tokens - self._last[1]) / max(now - self._last[0], 1e-9)
-        self._last = (now, tokens)
+        rate = state.log_history[-1].get("tokens_per_s", 0)  # StepStats, which runs first, measured it
         self.bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}", tok_s=f"{rate:.0f}")
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kwargs: Any) -> None:

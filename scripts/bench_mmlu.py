@@ -1,0 +1,109 @@
+"""MMLU scoring speed: the batched scorer of `qlora eval mmlu` against one question at a time.
+
+"One at a time" is what the original MMLU code does: every prompt goes through the model whole, alone.
+Both score the same prompts on the same model; the table says how many questions per second each
+manages and whether their predictions agree. Runs on CUDA unchanged when a GPU is present.
+
+    python scripts/bench_mmlu.py --data ../shared/data/mmlu/hendrycks
+    python scripts/bench_mmlu.py --model huggyllama/llama-7b --data mmlu/ --limit 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from qlora_cli.config import MmluEvalConfig, ModelConfig, QuantizationConfig
+from qlora_cli.data.tokenize import source_ids
+from qlora_cli.eval.mmlu import evaluate, letter_token_ids, load_items, summarize
+from qlora_cli.model import load_for_inference
+
+SUBJECTS = "abstract_algebra,high_school_biology,moral_scenarios,virology"
+
+
+@torch.no_grad()
+def one_at_a_time(model, tokenizer, prompts: list[str]) -> torch.Tensor:
+    letters = letter_token_ids(tokenizer)
+    device = next(model.parameters()).device
+    rows = []
+    for prompt in prompts:
+        ids = source_ids(tokenizer, tokenizer(prompt, add_special_tokens=False)["input_ids"], seq2seq=False)
+        rows.append(model(input_ids=torch.tensor([ids], device=device)).logits[0, -1, letters].float().cpu())
+    return torch.stack(rows)
+
+
+def timed(fn):
+    """Wall seconds and this process's CPU seconds (steadier than wall time on a shared machine)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="builtin:tiny-llama")
+    parser.add_argument("--quantization", default="nf4", choices=["nf4", "fp4", "int8", "none"])
+    parser.add_argument("--data", required=True, help="Hendrycks MMLU folder (dev/, test/)")
+    parser.add_argument("--split", default="test", choices=["test", "val"])
+    parser.add_argument("--shots", type=int, default=5, choices=[0, 5])
+    parser.add_argument("--subjects", default=SUBJECTS)
+    parser.add_argument("--limit", type=int, default=40, help="questions per subject")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=2048)
+    args = parser.parse_args()
+
+    loaded = load_for_inference(ModelConfig(name_or_path=args.model), QuantizationConfig.named(args.quantization))
+    if loaded.seq2seq:
+        parser.error("the one-at-a-time reference scores decoder-only models")
+    cfg = MmluEvalConfig(
+        data=args.data,
+        split=args.split,
+        shots=args.shots,
+        limit=args.limit,
+        subjects=args.subjects.split(","),
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+    )
+    items = load_items(cfg, loaded.tokenizer)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    one_at_a_time(model, tokenizer, [items[0].prompt])  # warm up kernels and allocator for both
+
+    single, single_s, single_cpu = timed(
+        lambda: summarize(items, one_at_a_time(model, tokenizer, [i.prompt for i in items]))
+    )
+    batched, batched_s, batched_cpu = timed(
+        lambda: evaluate(model, tokenizer, items, seq2seq=False, batch_size=args.batch_size)
+    )
+
+    n = len(items)
+    tokens = sum(len(tokenizer(i.prompt, add_special_tokens=False)["input_ids"]) for i in items) / n
+    same = [a["prediction"] == b["prediction"] for a, b in zip(single.predictions, batched.predictions)]
+    gap = max(
+        abs(a["logits"][k] - b["logits"][k])
+        for a, b in zip(single.predictions, batched.predictions)
+        for k in a["logits"]
+    )
+    device = "cuda " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()}"
+    print(
+        f"{args.model} ({args.quantization}), {args.shots}-shot, {n} questions from {len(cfg.subjects)} subjects, "
+        f"{tokens:.0f} prompt tokens on average, {device}"
+    )
+    print(f"{'scorer':<26} {'wall s':>7} {'questions/s':>12} {'speedup':>8} {'CPU s':>7} {'speedup':>8}")
+    for name, wall, cpu in (
+        ("one question at a time", single_s, single_cpu),
+        (f"batched (batch {args.batch_size})", batched_s, batched_cpu),
+    ):
+        print(
+            f"{name:<26} {wall:>7.1f} {n / wall:>12.2f} {single_s / wall:>7.1f}x {cpu:>7.1f} {single_cpu / cpu:>7.1f}x"
+        )
+    print(f"identical predictions: {sum(same)}/{n}; largest letter-logit difference {gap:.2e}")
+
+
+if __name__ == "__main__":
+    main()
