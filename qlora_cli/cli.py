@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
@@ -83,6 +83,110 @@ def config_validate(files: Annotated[list[Path], typer.Argument(help="Recipe fil
             typer.echo(f"invalid {exc}", err=True)
     if failures:
         raise typer.Exit(2)
+
+
+AdapterOption = Annotated[
+    Optional[Path], typer.Option("--adapter", help="Trained adapter folder (a qlora run or any PEFT LoRA adapter).")
+]
+ModelOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--model",
+        help="Model folder or hub id: a merged model, or the base for --adapter (default: the adapter's base).",
+    ),
+]
+RecipeOption = Annotated[
+    Optional[Path],
+    typer.Option("--config", "-c", help="Recipe whose prompt format to use (default: the one saved with the model)."),
+]
+MaxNewTokens = Annotated[int, typer.Option(min=1, help="Most tokens to generate per reply.")]
+TopP = Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass (with temperature > 0).")]
+
+
+@app.command("merge-adapter")
+def merge_adapter(
+    adapter: Annotated[Path, typer.Option("--adapter", help="Trained adapter folder.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the merged model.", show_default=False)],
+    base: Annotated[
+        Optional[str], typer.Option(help="Base model folder or hub id (default: the one recorded with the adapter).")
+    ] = None,
+    dtype: Annotated[Literal["bf16", "fp16", "fp32"], typer.Option(help="dtype of the merged weights.")] = "bf16",
+    base_weights: Annotated[
+        Optional[Literal["original", "nf4-roundtrip"]],
+        typer.Option(
+            help="nf4-roundtrip (default for 4-bit runs): merge into the NF4 reconstruction of the base, the "
+            "weights the adapter was trained against, so the merged model answers exactly like base-NF4 + adapter. "
+            "original: merge into the untouched 16-bit weights, which the adapter never saw (its answers drift "
+            "by the base's quantization error); the default for adapters trained on a 16-bit base."
+        ),
+    ] = None,
+    device: Annotated[
+        Optional[str],
+        typer.Option(help="cpu or cuda (default: the GPU if there is one). The 16-bit model must fit there."),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier merge in --output.")] = False,
+) -> None:
+    """Merge a trained adapter into a 16-bit copy of its base; check and report how close the result is.
+
+    Writes safetensors shards, config, generation config and tokenizer (loadable without peft) and
+    merge_report.json with the largest logit difference from base + adapter on a few fixed prompts.
+    """
+    from qlora_cli.merge import MergeRequest
+    from qlora_cli.merge import merge_adapter as run_merge
+
+    report = run_merge(MergeRequest(adapter, output, base, dtype, base_weights, device, overwrite))
+    typer.echo(report.summary())
+
+
+@app.command()
+def generate(
+    model: ModelOption = None,
+    adapter: AdapterOption = None,
+    config: RecipeOption = None,
+    prompt: Annotated[Optional[str], typer.Option(help="One prompt; prints the reply.")] = None,
+    prompts: Annotated[
+        Optional[Path],
+        typer.Option(help="JSON Lines (prompt/instruction/text field) or text file, one prompt per line; "
+                     "prints JSON Lines with an output field added."),
+    ] = None,
+    max_new_tokens: MaxNewTokens = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
+    top_p: TopP = 1.0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts generated together (left-padded).")] = 8,
+) -> None:
+    """Generate replies with a 4-bit base + adapter, or a merged model, in the recipe's prompt format."""
+    import json
+
+    from qlora_cli.generate import Sampling, generate_records, load_generator, read_prompts
+
+    if (prompt is None) == (prompts is None):
+        raise QloraError("pass either --prompt TEXT or --prompts FILE")
+    records = [{"prompt": prompt}] if prompt is not None else read_prompts(prompts)
+    generator = load_generator(model, adapter, config)
+    results = generate_records(generator, records, Sampling(max_new_tokens, temperature, top_p, batch_size))
+    for result in results:
+        typer.echo(result["output"] if prompt is not None else json.dumps(result, ensure_ascii=False))
+
+
+@app.command()
+def chat(
+    model: ModelOption = None,
+    adapter: AdapterOption = None,
+    config: RecipeOption = None,
+    max_new_tokens: MaxNewTokens = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.7,
+    top_p: TopP = 0.9,
+) -> None:
+    """Chat with a model in the recipe's prompt format, streaming replies; /reset and /exit."""
+    from qlora_cli.chat import HELP
+    from qlora_cli.chat import chat as run_chat
+    from qlora_cli.generate import Sampling, load_generator
+
+    generator = load_generator(model, adapter, config)
+    fmt = generator.prompt_format.name if generator.prompt_format else "prompts as typed"
+    typer.echo(f"Chatting with {generator.loaded.source} ({fmt} format). {HELP}", err=True)
+    sampling = Sampling(max_new_tokens, temperature, top_p, batch_size=1)
+    run_chat(generator, sampling, sys.stdin, sys.stdout, interactive=sys.stdin.isatty())
 
 
 def _print_summary(result) -> None:

@@ -70,6 +70,15 @@ def _alpaca(record: dict[str, Any]) -> Example:
     return Example(alpaca_source(instruction, input_text), non_empty(field(record, "output")))
 
 
+def guanaco_prompt(text: str) -> str:
+    return f"### Human: {text} ### Assistant:"
+
+
+def _oasst1(record: dict[str, Any]) -> Example:
+    """The paper's openassistant-guanaco: a whole `### Human: … ### Assistant: …` conversation is the target."""
+    return Example("", non_empty(field(record, "text")))
+
+
 def _prompt_completion(record: dict[str, Any]) -> Example:
     return Example(field(record, "prompt"), non_empty(field(record, "completion")))
 
@@ -91,6 +100,14 @@ FORMATS: dict[str, DatasetFormat] = {
             _alpaca,
             prompt=alpaca_source,
             hub_id="tatsu-lab/alpaca",
+        ),
+        DatasetFormat(
+            "oasst1",
+            "OpenAssistant conversations in Guanaco form: {text: '### Human: … ### Assistant: …'}",
+            _oasst1,
+            prompt=guanaco_prompt,
+            hub_id="timdettmers/openassistant-guanaco",
+            eval_split="test",
         ),
         DatasetFormat(
             "prompt-completion",
