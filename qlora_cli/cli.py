@@ -103,7 +103,20 @@ MaxNewTokens = Annotated[int, typer.Option(min=1, help="Most tokens to generate 
 TopP = Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass (with temperature > 0).")]
 
 
-@app.command("merge-adapter")
+MERGE_HELP = (
+    "Merge a trained adapter into a 16-bit copy of its base; check and report how close the result is.\n\n"
+    "--base-weights nf4-roundtrip merges into the NF4 reconstruction of the base, the weights the adapter was "
+    "trained against: the merged model answers like base-NF4 + adapter, the model you trained. Use it after "
+    "4-bit training.\n\n"
+    "--base-weights original merges into the untouched 16-bit weights, which the adapter never saw: answers drift "
+    "by the base's quantization error. Use it for adapters trained on a 16-bit base.\n\n"
+    "Writes safetensors shards, config, generation config and tokenizer (loadable without peft) and "
+    "merge_report.json: the largest logit difference from base + adapter on a few fixed prompts, and the peak "
+    "memory."
+)
+
+
+@app.command("merge-adapter", help=MERGE_HELP)
 def merge_adapter(
     adapter: Annotated[Path, typer.Option("--adapter", help="Trained adapter folder.", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the merged model.", show_default=False)],
@@ -113,12 +126,7 @@ def merge_adapter(
     dtype: Annotated[Literal["bf16", "fp16", "fp32"], typer.Option(help="dtype of the merged weights.")] = "bf16",
     base_weights: Annotated[
         Optional[Literal["original", "nf4-roundtrip"]],
-        typer.Option(
-            help="nf4-roundtrip (default for 4-bit runs): merge into the NF4 reconstruction of the base, the "
-            "weights the adapter was trained against, so the merged model answers exactly like base-NF4 + adapter. "
-            "original: merge into the untouched 16-bit weights, which the adapter never saw (its answers drift "
-            "by the base's quantization error); the default for adapters trained on a 16-bit base."
-        ),
+        typer.Option(help="Which base weights to merge into (see above); default: nf4-roundtrip after 4-bit training."),
     ] = None,
     device: Annotated[
         Optional[str],
@@ -126,11 +134,6 @@ def merge_adapter(
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier merge in --output.")] = False,
 ) -> None:
-    """Merge a trained adapter into a 16-bit copy of its base; check and report how close the result is.
-
-    Writes safetensors shards, config, generation config and tokenizer (loadable without peft) and
-    merge_report.json with the largest logit difference from base + adapter on a few fixed prompts.
-    """
     from qlora_cli.merge import MergeRequest
     from qlora_cli.merge import merge_adapter as run_merge
 

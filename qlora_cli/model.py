@@ -144,6 +144,8 @@ def load_for_inference(
             raise QloraError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
         try:
             loaded.model = PeftModel.from_pretrained(loaded.model, str(adapter), is_trainable=False)
+        except torch.OutOfMemoryError:
+            raise
         except (ValueError, RuntimeError) as exc:  # no matching modules / size mismatch
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
             reason = next((line for line in lines if "size mismatch" in line), lines[0] if lines else repr(exc))
