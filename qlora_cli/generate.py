@@ -1,12 +1,26 @@
-"""Batched generation with left padding; prompts are encoded exactly as training encoded sources."""
+"""Batched generation with left padding; prompts are encoded exactly as training encoded sources.
+
+`qlora generate` and `qlora chat` load a model (a 4-bit base + adapter as trained, or a merged model) and
+wrap raw prompts in the prompt format of the recipe it was trained with.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 
+from qlora_cli.adapter import find_recipe, prompt_format, read_adapter
+from qlora_cli.config import ModelConfig, QuantizationConfig, load_recipe
+from qlora_cli.data.formats import DatasetFormat
 from qlora_cli.data.tokenize import PaddingCollator, source_ids
+from qlora_cli.errors import QloraError
+from qlora_cli.model import LoadedModel, load_for_inference
+
+PROMPT_FIELDS = ("prompt", "instruction", "text")
 
 
 @torch.no_grad()
@@ -20,13 +34,16 @@ def generate_texts(
     batch_size: int = 8,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    stop: Sequence[str] = (),
+    streamer: Any = None,
 ) -> list[str]:
-    """Return only the generated continuation of each prompt; temperature 0 is greedy."""
+    """Return only the generated continuation of each prompt, cut before a `stop` string; temperature 0 is greedy."""
     was_training = model.training
     model.eval()
     collate = PaddingCollator(tokenizer.pad_token_id, padding_side="right" if seq2seq else "left")
     device = next(model.parameters()).device
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    stopping = {"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}
     outputs: list[str] = []
     for start in range(0, len(prompts), batch_size):
         encoded = [
@@ -39,10 +56,141 @@ def generate_texts(
             max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
+            streamer=streamer,
             **sampling,
+            **stopping,
         )
         new_tokens = generated if seq2seq else generated[:, batch["input_ids"].shape[1] :]
-        outputs += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        outputs += [cut_at_stop(text, stop) for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     if was_training:
         model.train()
     return outputs
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    return text[: min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))]
+
+
+# --------------------------------------------------------------------------- qlora generate / qlora chat
+
+
+def apply_format(prompt_format: DatasetFormat | None, text: str) -> str:
+    return prompt_format.prompt(text) if prompt_format else text
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    batch_size: int = 8
+
+
+@dataclass
+class Generator:
+    """A loaded model and the prompt format of the dataset it was trained on (None: prompts as given)."""
+
+    loaded: LoadedModel
+    prompt_format: DatasetFormat | None
+
+    def format(self, text: str) -> str:
+        return apply_format(self.prompt_format, text)
+
+    @property
+    def stop_strings(self) -> list[str]:
+        """The text that opens a user turn (`### Human:` for Guanaco): a reply ends where the model starts one."""
+        marker = "\x00"
+        opening = self.format(marker).partition(marker)[0].strip()
+        return [opening] if opening else []
+
+    def generate(self, prompts: list[str], sampling: Sampling, streamer: Any = None) -> list[str]:
+        """Complete already formatted prompts; returns the replies without surrounding whitespace."""
+        texts = generate_texts(
+            self.loaded.model,
+            self.loaded.tokenizer,
+            prompts,
+            seq2seq=self.loaded.seq2seq,
+            max_new_tokens=sampling.max_new_tokens,
+            batch_size=sampling.batch_size,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            stop=self.stop_strings,
+            streamer=streamer,
+        )
+        return [text.strip() for text in texts]
+
+    def fits(self, prompt: str, max_new_tokens: int) -> bool:
+        """Whether prompt + reply fit the model's positions (models with relative positions always fit)."""
+        limit = getattr(self.loaded.model.config, "max_position_embeddings", None)
+        return limit is None or len(self.loaded.tokenizer(prompt)["input_ids"]) + max_new_tokens <= limit
+
+
+def load_generator(
+    model: str | None, adapter: Path | None = None, config: Path | None = None, *, device: str | None = None
+) -> Generator:
+    """With an adapter: its base quantized as in training; without: a plain (e.g. merged) model in 16 bits.
+
+    The prompt format comes from `config`, else from the recipe beside the adapter (or the merged model).
+    """
+    recipe = load_recipe(config) if config is not None else None
+    if adapter is not None:
+        trained = read_adapter(adapter)
+        if recipe is not None:
+            trained = replace(trained, recipe=recipe)
+        recipe = trained.recipe
+        loaded = load_for_inference(trained.base_model(model), trained.quantization, trained.path, device=device)
+    elif model:
+        if recipe is None and Path(model).is_dir():
+            recipe = find_recipe(Path(model))
+        trust = bool(recipe and recipe.model.trust_remote_code)
+        loaded = load_for_inference(
+            ModelConfig(name_or_path=model, trust_remote_code=trust), QuantizationConfig(bits=16), device=device
+        )
+    else:
+        raise QloraError("pass --model (a model folder or hub id), --adapter (a trained adapter folder), or both")
+    return Generator(loaded, prompt_format(recipe, loaded.tokenizer))
+
+
+def read_prompts(path: Path) -> list[dict[str, Any]]:
+    """JSON Lines or a JSON array (strings, or objects with a prompt, instruction or text field); else one per line."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise QloraError(f"cannot read prompts file {path}: {exc.strerror}") from None
+    if path.suffix not in (".jsonl", ".json"):
+        records = [{"prompt": line} for line in text.splitlines() if line.strip()]
+    elif text.lstrip().startswith("["):
+        records = [_prompt_record(item, f"{path}: item {n}") for n, item in enumerate(_json(text, str(path)), 1)]
+    else:
+        records = [
+            _prompt_record(_json(line, f"{path}:{n}"), f"{path}:{n}")
+            for n, line in enumerate(text.splitlines(), start=1)
+            if line.strip()
+        ]
+    if not records:
+        raise QloraError(f"{path} holds no prompts")
+    return records
+
+
+def _json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise QloraError(f"{where}: invalid JSON: {exc.msg}") from None
+
+
+def _prompt_record(item: Any, where: str) -> dict[str, Any]:
+    record = {"prompt": item} if isinstance(item, str) else item
+    if not isinstance(record, dict) or not any(isinstance(record.get(f), str) for f in PROMPT_FIELDS):
+        raise QloraError(f"{where}: expected a string or an object with a {'/'.join(PROMPT_FIELDS)} field")
+    return record
+
+
+def prompt_of(record: dict[str, Any]) -> str:
+    return next(record[f] for f in PROMPT_FIELDS if isinstance(record.get(f), str))
+
+
+def generate_records(generator: Generator, records: list[dict[str, Any]], sampling: Sampling) -> list[dict[str, Any]]:
+    """Each input record with an `output` field added, in input order."""
+    outputs = generator.generate([generator.format(prompt_of(r)) for r in records], sampling)
+    return [{**record, "output": output} for record, output in zip(records, outputs)]

@@ -158,7 +158,15 @@ def load_for_inference(
         if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
             raise QloraError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
         with refusing_pickled_code(adapter):
-            loaded.model = PeftModel.from_pretrained(loaded.model, str(adapter), is_trainable=False)
+            try:
+                loaded.model = PeftModel.from_pretrained(loaded.model, str(adapter), is_trainable=False)
+            except torch.OutOfMemoryError:
+                raise
+            except (ValueError, RuntimeError) as exc:  # no matching modules / size mismatch
+                lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+                reason = next((line for line in lines if "size mismatch" in line), lines[0] if lines else repr(exc))
+                raise QloraError(f"adapter {adapter} does not fit base model {loaded.source}: {reason}") from None
+        check_adapter_fits(loaded.model, adapter, loaded.source)
         loaded.model.eval()
     return loaded
 
@@ -185,6 +193,25 @@ def inference_target(
         adapter = run
     model_cfg = recipe.model if recipe.lora.enabled else recipe.model.model_copy(update={"name_or_path": run})
     return model_cfg, quant, adapter
+
+
+def check_adapter_fits(model: Any, adapter: str | os.PathLike, base: str) -> None:
+    """peft skips adapter weights with no matching module and leaves unmatched modules untrained; refuse both."""
+    from peft.utils import get_peft_model_state_dict, load_peft_weights
+
+    saved = set(load_peft_weights(str(adapter), device="cpu"))
+    expected = set(get_peft_model_state_dict(model))
+    unused, missing = sorted(saved - expected), sorted(expected - saved)
+    if unused:
+        raise QloraError(
+            f"adapter {adapter} does not fit base model {base}: {len(unused)} adapter weights match no module "
+            f"of the base (first: {unused[0]})"
+        )
+    if missing:
+        raise QloraError(
+            f"adapter {adapter} does not fit base model {base}: it has no weights for {len(missing)} adapted "
+            f"modules of the base (first: {missing[0]})"
+        )
 
 
 def ensure_pad_token(tokenizer: Any, model: Any) -> None:

@@ -1,0 +1,79 @@
+"""A trained adapter folder, checked once, with the base model and recipe it was trained with.
+
+`qlora train` writes the adapter, its tokenizer and `recipe.yaml` side by side; an adapter from elsewhere
+has only peft's `adapter_config.json`, which records the base model and nothing about quantization.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qlora_cli.config import ModelConfig, QuantizationConfig, Recipe, load_recipe
+from qlora_cli.data.formats import FORMATS, DatasetFormat
+from qlora_cli.errors import QloraError
+from qlora_cli.train import RECIPE_FILE
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+@dataclass(frozen=True)
+class TrainedAdapter:
+    path: Path
+    config: dict[str, Any]  # adapter_config.json
+    recipe: Recipe | None  # the run's recipe, when qlora trained it
+
+    @property
+    def quantization(self) -> QuantizationConfig:
+        """How the base was quantized in training; without a recipe, the paper's NF4 + double quant."""
+        return self.recipe.quantization if self.recipe else QuantizationConfig()
+
+    def base_model(self, override: str | None = None) -> ModelConfig:
+        """The recorded base (the recipe's, else peft's), with the tokenizer training saved beside the adapter."""
+        tokenizer = str(self.path) if (self.path / "tokenizer_config.json").is_file() else None
+        if self.recipe:
+            cfg = self.recipe.model
+            updates: dict[str, Any] = {"tokenizer": tokenizer or cfg.tokenizer}
+            if override:
+                updates["name_or_path"] = override
+            return cfg.model_copy(update=updates)
+        name = override or self.config.get("base_model_name_or_path")
+        if not name:
+            raise QloraError(f"{self.path / ADAPTER_CONFIG} records no base model: pass the base model explicitly")
+        return ModelConfig(name_or_path=name, tokenizer=tokenizer, revision=self.config.get("revision"))
+
+
+def read_adapter(path: str | Path) -> TrainedAdapter:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise QloraError(f"adapter folder not found: {path}")
+    if not path.is_dir():
+        raise QloraError(f"adapter {path} is not a folder")
+    config_file = path / ADAPTER_CONFIG
+    if not config_file.is_file():
+        raise QloraError(f"{path} is not a PEFT adapter folder (no {ADAPTER_CONFIG})")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise QloraError(f"{config_file}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    if not isinstance(config, dict) or "peft_type" not in config:
+        raise QloraError(f"{config_file} is not a PEFT adapter config (no peft_type)")
+    if not any((path / name).is_file() for name in ADAPTER_WEIGHTS):
+        raise QloraError(f"{path} has no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})")
+    return TrainedAdapter(path, config, find_recipe(path))
+
+
+def find_recipe(folder: Path) -> Recipe | None:
+    """The run's recipe: beside the adapter, or one level up for a `checkpoint-N` folder."""
+    candidates = [folder / RECIPE_FILE]
+    if folder.name.startswith("checkpoint-"):
+        candidates.append(folder.parent / RECIPE_FILE)
+    return next((load_recipe(c) for c in candidates if c.is_file()), None)
+
+
+def prompt_format(recipe: Recipe | None, tokenizer: Any) -> DatasetFormat | None:
+    """How the recipe's dataset wrapped prompts in training; None (prompts as given) without a recipe."""
+    return FORMATS[recipe.data.dataset].for_tokenizer(tokenizer) if recipe else None

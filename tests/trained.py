@@ -1,0 +1,66 @@
+"""Tiny trained adapters and merged models, made once per test session through the real CLI.
+
+They live under the session's QLORA_CACHE, so test modules share them; take them through the module-scoped
+fixtures, so that training's output never mixes with the output a test captures. Two steps at a low learning rate
+leave an adapter that changes logits clearly (~0.3) without collapsing generation onto EOS.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+MODELS = {"llama": "builtin:tiny-llama", "t5": "builtin:tiny-t5"}
+
+
+def _artifacts() -> Path:
+    return Path(os.environ["QLORA_CACHE"]) / "test-artifacts"
+
+
+def trained_adapter(model: str) -> Path:
+    out = _artifacts() / f"adapter-{model}"
+    if not (out / "completed").exists():
+        _run_cli_in_process(
+            "train", "--config", str(REPO / "configs/demo.yaml"), f"output_dir={out}",
+            f"model.name_or_path={MODELS[model]}", "training.max_steps=2", "training.batch_size=2",
+            "training.learning_rate=3e-4", "training.save_steps=100", "data.eval_size=8",
+            "eval.exact_match_samples=0", "--overwrite",
+        )  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama_adapter() -> Path:
+    return trained_adapter("llama")
+
+
+@pytest.fixture(scope="module")
+def t5_adapter() -> Path:
+    return trained_adapter("t5")
+
+
+def _run_cli_in_process(*args: str) -> None:
+    """`qlora ARGS` without a new interpreter (saves the imports); fails the test on a non-zero exit."""
+    from qlora_cli.cli import main
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["qlora", *args])
+        try:
+            main()
+        except SystemExit as exc:
+            assert not exc.code, f"qlora {' '.join(args)} exited with {exc.code}"
+
+
+def merged_model(model: str) -> Path:
+    """The adapter merged with the defaults a 4-bit run gets (nf4-roundtrip), in fp32."""
+    out = _artifacts() / f"merged-{model}"
+    if not (out / "merge_report.json").exists():
+        from qlora_cli.merge import MergeRequest, merge_adapter
+
+        merge_adapter(MergeRequest(trained_adapter(model), out, dtype="fp32"))
+    return out
