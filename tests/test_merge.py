@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from qlora_cli.adapter import read_adapter
+from qlora_cli.adapter import prompt_format, read_adapter
 from qlora_cli.data.tokenize import tokenize_example
 from qlora_cli.errors import QloraError
 from qlora_cli.merge import MERGE_REPORT, _staged
@@ -39,7 +39,7 @@ def trained_model_logits(adapter_dir):
     """base-NF4 + adapter, loaded the way training saw it; returns logits, the examples and seq2seq."""
     adapter = read_adapter(adapter_dir)
     loaded = load_for_inference(adapter.base_model(), adapter.quantization, adapter.path, device="cpu")
-    fmt = adapter.prompt_format
+    fmt = prompt_format(adapter.recipe, loaded.tokenizer)
     examples = [
         tokenize_example(loaded.tokenizer, fmt.prompt(p), a, adapter.recipe.data, seq2seq=loaded.seq2seq)
         for p, a in PROMPTS
