@@ -242,7 +242,7 @@ def test_disk_full_during_a_real_run_keeps_the_earlier_checkpoint(tmp_path):
     from tests.conftest import REPO
     from tests.tiny import write_recipe
 
-    recipe = write_recipe(tmp_path, training={"max_steps": 4, "save_steps": 2})
+    recipe = write_recipe(tmp_path, training={"max_steps": 4, "save_steps": 2}, lora={"r": 16})
     disk = tmp_path / "disk"
     disk.mkdir()
     train = shlex.join([sys.executable, "-m", "qlora_cli", "train", "--config", str(recipe), f"output_dir={disk}/run"])

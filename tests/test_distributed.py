@@ -188,7 +188,7 @@ def test_fsdp_model_keeps_the_storage_dtype_and_leaves_checkpointing_to_fsdp() -
 def test_trainer_gets_fsdp_qlora_settings() -> None:
     from qlora_cli.train import training_arguments
 
-    recipe = load_recipe(DEMO, ["training.fsdp=true", "output_dir=/tmp/unused"])
+    recipe = load_recipe(DEMO, ["training.fsdp=true", "training.gradient_checkpointing=true", "output_dir=/tmp/unused"])
     args = training_arguments(recipe, torch.float32, seq2seq=False, has_eval=False)
     plugin = args.fsdp_plugin_args
     assert plugin["fsdp_version"] == 2
