@@ -104,7 +104,7 @@ def test_train_writes_model_card_whose_snippet_loads_the_adapter(tiny_run):
 
 
 def _write_run(folder, history, checkpoint):
-    recipe = load_recipe(REPO / "configs/demo.yaml", [f"output_dir={folder}"])
+    recipe = load_recipe(REPO / "configs/demo.yaml", [f"output_dir={folder}", "training.max_steps=300"])
     folder.mkdir()
     (folder / "recipe.yaml").write_text(recipe.to_yaml())
     (folder / checkpoint).mkdir()
