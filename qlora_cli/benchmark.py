@@ -210,7 +210,7 @@ def _train(recipe: Recipe, lengths: list[int], meter: PeakMemory) -> dict[str, A
 
 
 def stored_bits(model: Any) -> dict[str, float]:
-    """Bits the base model stores per parameter, quantization constants included (adapters left out)."""
+    """Bits the base model stores per parameter, quantization constants included, and the model's bytes."""
     linear_bits = linear_params = other_bits = other_params = 0
     seen: set[int] = set()
 
@@ -220,10 +220,11 @@ def stored_bits(model: Any) -> dict[str, float]:
         seen.add(tensor.untyped_storage().data_ptr())
         return tensor.numel() * tensor.element_size()
 
+    adapters = sum(nbytes(p) for name, p in model.named_parameters() if "lora_" in name)
     for name, param in model.named_parameters():
+        state = getattr(param, "quant_state", None)
         if "lora_" in name:
             continue
-        state = getattr(param, "quant_state", None)
         if state is not None:  # packed 4-bit: two weights per byte, plus block constants
             constants = [state.absmax, state.code, state.offset]
             if state.state2 is not None:
@@ -239,9 +240,11 @@ def stored_bits(model: Any) -> dict[str, float]:
         else:
             other_bits += 8 * nbytes(param)
             other_params += param.numel()
+    buffers = sum(nbytes(b) for b in model.buffers())
     return {
         "bits_per_linear_param": linear_bits / max(linear_params, 1),
         "bits_per_base_param": (linear_bits + other_bits) / max(linear_params + other_params, 1),
+        "model_bytes": (linear_bits + other_bits) // 8 + adapters + buffers,
     }
 
 

@@ -202,7 +202,8 @@ class Estimate:
     lora_weights: int
     gradients: int
     optimizer_state: int
-    optimizer_paged: bool  # paged state lives in CUDA unified memory and spills to CPU RAM when short
+    optimizer_paged: int  # of which in CUDA unified memory (paged optimizers): it can spill to CPU RAM
+    optimizer_step: int  # temporaries of one optimizer update (bitsandbytes' CPU kernel: 3x a tensor)
     activations_checkpointed: int
     activations_full: int
     overhead: int
@@ -216,23 +217,22 @@ class Estimate:
         """What torch's allocator peaks at (max_memory_allocated): gradients appear as activations are freed."""
         use = self.gradient_checkpointing if checkpointing is None else checkpointing
         act = self.activations_checkpointed if use else self.activations_full
-        paged = self.optimizer_state if self.optimizer_paged else 0
-        return self.base_weights + self.lora_weights + self.optimizer_state - paged + max(act, self.gradients)
+        fixed = self.base_weights + self.lora_weights + self.optimizer_state - self.optimizer_paged
+        return fixed + max(act, self.gradients + self.optimizer_step)
 
     def peak(self, *, checkpointing: bool | None = None) -> int:
         """Everything the GPU holds at once, the paged optimizer state included."""
-        paged = self.optimizer_state if self.optimizer_paged else 0
-        return self.allocated(checkpointing=checkpointing) + paged + self.overhead
+        return self.allocated(checkpointing=checkpointing) + self.optimizer_paged + self.overhead
 
     def resident(self) -> int:
         """The peak without the paged optimizer state, which can wait in CPU RAM."""
-        return self.peak() - (self.optimizer_state if self.optimizer_paged else 0)
+        return self.peak() - self.optimizer_paged
 
     def verdict(self, budget: int) -> str:
         if self.peak() <= budget:
             return "fits"
         if self.resident() <= budget:
-            return "fits with paging"
+            return f"fits, {(self.peak() - budget) / GIB:.1f} GiB paged out"
         return "does not fit"
 
 
@@ -332,29 +332,37 @@ def _estimate(
         base = int(arch.layers * linear_bits / 8) + 4 * arch.other_params
     else:
         base = c * arch.params
-    lora_params = arch.layers * recipe.lora.r * sum(sum(layer[m]) for m in modules) if setup.lora else 0
-    trainable = lora_params if setup.lora else arch.params
-    lora_weights = 4 * lora_params  # peft keeps adapters in fp32 whatever the base
-    gradients = 4 * lora_params if setup.lora else c * arch.params
-    optimizer = int(optimizer_bytes_per_param(recipe.training.optim) * trainable)
+    tensors = _trainable_tensors(arch, recipe.lora.r, modules) if setup.lora else _model_tensors(arch)
+    trainable = sum(tensors)
+    lora_weights = 4 * trainable if setup.lora else 0  # peft keeps adapters in fp32 whatever the base
+    gradients = 4 * trainable if setup.lora else c * trainable
+    per_param = optimizer_bytes_per_param(recipe.training.optim)
+    optimizer = int(per_param * trainable)
+    # bitsandbytes pages only tensors of 1e5 elements or more, and only on a GPU
+    paged = "paged" in recipe.training.optim and device == "cuda"
+    optimizer_paged = int(per_param * sum(n for n in tensors if n >= 1e5)) if paged else 0
+    optimizer_step = 3 * 4 * max(tensors) if device == "cpu" else 0
 
     shard = num_processes if recipe.training.fsdp and num_processes > 1 else 1
     gathered = 0
     if shard > 1:  # FSDP keeps 1/N of every state; a layer is all-gathered, the next one prefetched
         gathered = 2 * (base - (4 if quantized else c) * arch.other_params) // arch.layers
-        base, lora_weights, gradients, optimizer = (x // shard for x in (base, lora_weights, gradients, optimizer))
+        base, lora_weights, gradients, optimizer, optimizer_paged, optimizer_step = (
+            x // shard for x in (base, lora_weights, gradients, optimizer, optimizer_paged, optimizer_step)
+        )
     elif num_processes > 1:  # DDP reduces gradients through buckets of the same size
         gradients *= 2
 
     tokens = recipe.training.batch_size * seq_len
-    act = _Activations(arch, setup, recipe, modules, c=c, residual=4 if quantized else c, device=device, tokens=tokens)
+    act = Activations(arch, setup, recipe, modules, c=c, residual=4 if quantized else c, device=device, tokens=tokens)
     return Estimate(
         label=setup.label,
         base_weights=base,
         lora_weights=lora_weights,
         gradients=gradients,
         optimizer_state=optimizer,
-        optimizer_paged=device == "cuda" and "paged" in recipe.training.optim,
+        optimizer_paged=optimizer_paged,
+        optimizer_step=optimizer_step,
         activations_checkpointed=act.total(checkpointing=True) + gathered,
         activations_full=act.total(checkpointing=False) + gathered,
         overhead=CUDA_CONTEXT if device == "cuda" else CPU_PROCESS,
@@ -362,8 +370,20 @@ def _estimate(
     )
 
 
+def _trainable_tensors(arch: Architecture, r: int, modules: tuple[str, ...]) -> list[int]:
+    """Element counts of every LoRA A (r x in) and B (out x r) matrix."""
+    layer = arch.linears()
+    return [r * n for m in modules for n in layer[m]] * arch.layers
+
+
+def _model_tensors(arch: Architecture) -> list[int]:
+    layer = [n_in * n_out for n_in, n_out in arch.linears().values()] + [arch.hidden] * 2
+    head = [] if arch.tied_embeddings else [arch.vocab * arch.hidden]
+    return [arch.vocab * arch.hidden, *head, arch.hidden, *layer * arch.layers]
+
+
 @dataclass(frozen=True)
-class _Activations:
+class Activations:
     """Bytes autograd keeps between forward and backward, plus the transients at the peak.
 
     Per token and decoder layer (elements): SDPA keeps q, k, v and its output (2a + 2kv), the two
@@ -435,8 +455,9 @@ def render_plan(plan: MemoryPlan, budget: int | None = None) -> str:
     procs = f"{plan.num_processes} processes{' with FSDP' if plan.fsdp else ' (DDP)'}" if plan.num_processes > 1 else "1 process"
     head = [
         f"{a.name}: {a.params / 1e9:.2f}B parameters ({a.layers} layers, hidden {a.hidden}, vocab {a.vocab})",
-        f"batch {plan.batch_size} x {plan.seq_len} tokens, LoRA r={plan.lora_r} on {', '.join(plan.lora_modules)}, "
-        f"{plan.optim}, {dtype} compute on {plan.device}, {procs}; per GPU, 1 GiB = 2^30 bytes",
+        f"batch {plan.batch_size} x {plan.seq_len} tokens, {plan.optim}, {dtype} compute on {plan.device}, {procs}",
+        f"LoRA r={plan.lora_r} on {', '.join(plan.lora_modules)}",
+        "memory per GPU; 1 GiB = 2^30 bytes, and a GPU sold as 48GB holds 48 GiB",
         "",
     ]
     ests = plan.estimates
@@ -449,7 +470,8 @@ def render_plan(plan: MemoryPlan, budget: int | None = None) -> str:
         ("base weights", [gib(e.base_weights) for e in ests]),
         ("LoRA adapters (fp32)", [gib(e.lora_weights) for e in ests]),
         ("gradients", [gib(e.gradients) for e in ests]),
-        ("optimizer state", [gib(e.optimizer_state) + (" paged" if e.optimizer_paged else "") for e in ests]),
+        ("optimizer state", [gib(e.optimizer_state) for e in ests]),
+        ("  of which paged", [gib(e.optimizer_paged) for e in ests]),
         (f"activations, checkpointing on{' *' if ckpt else ''}", [gib(e.activations_checkpointed) for e in ests]),
         (f"activations, checkpointing off{'' if ckpt else ' *'}", [gib(e.activations_full) for e in ests]),
         ("framework overhead", [gib(e.overhead) for e in ests]),
