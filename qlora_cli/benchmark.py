@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -20,8 +21,18 @@ import torch
 
 from qlora_cli.config import Recipe, validate_recipe
 from qlora_cli.errors import QloraError
-from qlora_cli.plan import Architecture
+from qlora_cli.plan import ARCHITECTURES, Architecture
 
+# Random-init LLaMA shapes between the builtin tiny model and LLaMA-7B, with LLaMA's 32000-token vocabulary,
+# and the real architectures (llama-7b ...) for a GPU.
+SIZES: dict[str, Architecture] = {
+    "30m": Architecture("random-30m", 384, 6, 1024, 6, 6, 32000),
+    "60m": Architecture("random-60m", 512, 8, 1408, 8, 8, 32000),
+    "135m": Architecture("random-135m", 768, 12, 2048, 12, 12, 32000),
+    "270m": Architecture("random-270m", 1024, 16, 2816, 16, 16, 32000),
+    "1b": Architecture("random-1b", 2048, 16, 5632, 16, 16, 32000),
+    **ARCHITECTURES,
+}
 TOKENIZER = "builtin:tiny-llama"  # benchmark batches are random token ids: only the pad id is used
 
 # name -> recipe overrides; the setups the issue compares, all with the same LoRA, data and optimizer
@@ -136,7 +147,7 @@ def random_batches(vocab: int, lengths: list[int], seed: int = 0) -> Any:
     return Dataset.from_dict({"input_ids": ids, "labels": ids, "length": lengths})
 
 
-def measure_training(recipe: Recipe, lengths: list[int]) -> dict[str, Any]:
+def measure_training(recipe: Recipe, lengths: list[int], profile: bool = False) -> dict[str, Any]:
     """Load as `qlora train` does and train len(lengths) / batch_size steps: peak memory, speed, storage.
 
     A one-step run of builtin:tiny-llama first brings every library's code and import-time memory into
@@ -149,7 +160,7 @@ def measure_training(recipe: Recipe, lengths: list[int]) -> dict[str, Any]:
     meter = PeakMemory()
     warm_up = recipe.model_copy(update={"model": recipe.model.model_copy(update={"name_or_path": TOKENIZER})})
     _train(warm_up, [16] * recipe.training.batch_size, meter)
-    return _train(recipe, lengths, meter)
+    return _train(recipe, lengths, meter, profile)
 
 
 def _return_freed_memory() -> None:
@@ -161,7 +172,7 @@ def _return_freed_memory() -> None:
         libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
 
 
-def _train(recipe: Recipe, lengths: list[int], meter: PeakMemory) -> dict[str, Any]:
+def _train(recipe: Recipe, lengths: list[int], meter: PeakMemory, profile: bool = False) -> dict[str, Any]:
     import gc
 
     from transformers import TrainerCallback
@@ -196,17 +207,39 @@ def _train(recipe: Recipe, lengths: list[int], meter: PeakMemory) -> dict[str, A
     steps = StepMeter()
     trainer.add_callback(steps)
     meter.reset()
-    trainer.train()
-    (t0, n0), (t1, n1) = steps.marks[0], steps.marks[-1]  # the first step warms up and is left out
+    with _profiler(profile) as prof:
+        trainer.train()
+    marks = steps.marks  # the first step warms up and is left out; the median resists a busy machine
+    rates = [(n1 - n0) / (t1 - t0) for (t0, n0), (t1, n1) in zip(marks, marks[1:])]
     return {
+        **({"profile": top_ops(prof)} if profile else {}),
         "peak": meter.peak() - baseline,
         "memory_kind": meter.kind,
         "load_peak": load_peak,
         "loaded_size": loaded_size,
         "largest_shard": largest_shard(Path(recipe.model.name_or_path)),
-        "tokens_per_s": (n1 - n0) / (t1 - t0) if len(steps.marks) > 1 else None,
+        "tokens_per_s": statistics.median(rates) if rates else None,
         **stored_bits(model),
     }
+
+
+def _profiler(enabled: bool) -> Any:
+    from contextlib import nullcontext
+
+    from torch.profiler import ProfilerActivity, profile
+
+    if not enabled:
+        return nullcontext()
+    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else []))
+
+
+def top_ops(prof: Any, n: int = 12) -> list[tuple[str, float]]:
+    """The operators that took the most time, by their own (self) time: (name, share of the total)."""
+    field = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, field) > 0]
+    total = sum(getattr(e, field) for e in events)
+    events.sort(key=lambda e: getattr(e, field), reverse=True)
+    return [(e.key, getattr(e, field) / total) for e in events[:n]]
 
 
 def stored_bits(model: Any) -> dict[str, float]:

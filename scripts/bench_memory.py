@@ -18,18 +18,18 @@ from pathlib import Path
 
 import torch
 
-from qlora_cli.benchmark import SETUPS, bench_recipe, isolated, markdown_table, measure_training, random_checkpoint, write_json
-from qlora_cli.plan import ARCHITECTURES, GIB, Architecture, plan_memory
+from qlora_cli.benchmark import (
+    SETUPS,
+    SIZES,
+    bench_recipe,
+    isolated,
+    markdown_table,
+    measure_training,
+    random_checkpoint,
+    write_json,
+)
+from qlora_cli.plan import GIB, plan_memory
 
-# Random-init LLaMA shapes between the builtin tiny model and LLaMA-7B, with LLaMA's 32000-token vocabulary.
-SIZES: dict[str, Architecture] = {
-    "30m": Architecture("random-30m", 384, 6, 1024, 6, 6, 32000),
-    "60m": Architecture("random-60m", 512, 8, 1408, 8, 8, 32000),
-    "135m": Architecture("random-135m", 768, 12, 2048, 12, 12, 32000),
-    "270m": Architecture("random-270m", 1024, 16, 2816, 16, 16, 32000),
-    "1b": Architecture("random-1b", 2048, 16, 5632, 16, 16, 32000),
-    **ARCHITECTURES,
-}
 TOLERANCE = 0.15  # the target: every row within 15% of the prediction
 LOAD_FACTOR = 1.3  # loading may peak at 1.3x the quantized model plus one shard
 
