@@ -11,8 +11,10 @@ import json
 import random
 import re
 import statistics
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable
@@ -44,8 +46,11 @@ SETUPS: dict[str, dict[str, Any]] = {
 }
 
 
-def random_checkpoint(arch: Architecture, *, shard_size: str = "1GB") -> Path:
-    """A random-init LLaMA of `arch`'s shape saved as a sharded bf16 hub checkpoint, built once and cached."""
+def random_checkpoint(arch: Architecture, *, shard_size: str = "200MB") -> Path:
+    """A random-init LLaMA of `arch`'s shape saved as a sharded bf16 hub checkpoint, built once and cached.
+
+    Small shards let the loading measurement tell shard-by-shard quantization from a full 16-bit copy.
+    """
     from qlora_cli.demo import _materialize
 
     def build(folder: Path) -> None:
@@ -67,20 +72,35 @@ def random_checkpoint(arch: Architecture, *, shard_size: str = "1GB") -> Path:
         model.save_pretrained(folder, max_shard_size=shard_size)
 
     key = f"bench-{arch.name}-h{arch.hidden}-l{arch.layers}-i{arch.intermediate}-kv{arch.kv_heads}-v{arch.vocab}"
+    key += f"-{shard_size}"
     return _materialize(key, build)
 
 
+@dataclass(frozen=True)
+class RunShape:
+    """What every row of a benchmark trains: micro batch, tokens per example, steps, LoRA rank, checkpointing."""
+
+    batch_size: int
+    seq_len: int
+    steps: int
+    lora_r: int = 64
+    gradient_checkpointing: bool = True
+
+    @staticmethod
+    def add_arguments(parser: Any, *, batch_size: int, seq_len: int, steps: int, steps_help: str = "") -> None:
+        parser.add_argument("--batch-size", type=int, default=batch_size)
+        parser.add_argument("--seq-len", type=int, default=seq_len)
+        parser.add_argument("--steps", type=int, default=steps, help=steps_help)
+        parser.add_argument("--lora-r", type=int, default=64)
+        parser.add_argument("--no-gradient-checkpointing", action="store_true")
+
+    @classmethod
+    def from_args(cls, args: Any) -> RunShape:
+        return cls(args.batch_size, args.seq_len, args.steps, args.lora_r, not args.no_gradient_checkpointing)
+
+
 def bench_recipe(
-    checkpoint: Path,
-    setup: str,
-    *,
-    output_dir: Path,
-    batch_size: int,
-    seq_len: int,
-    steps: int,
-    gradient_checkpointing: bool = True,
-    lora_r: int = 64,
-    optim: str = "paged_adamw_32bit",
+    checkpoint: Path, setup: str, shape: RunShape, output_dir: Path, optim: str = "paged_adamw_32bit"
 ) -> Recipe:
     """The recipe `qlora train` would get for one benchmark row (defaults are the paper's)."""
     from qlora_cli.config import deep_merge
@@ -88,22 +108,31 @@ def bench_recipe(
     raw = {
         "output_dir": str(output_dir),
         "model": {"name_or_path": str(checkpoint), "tokenizer": TOKENIZER},
-        "lora": {"r": lora_r},
-        "data": {"source_max_len": seq_len - seq_len // 4, "target_max_len": seq_len // 4, "eval_size": 0},
+        "lora": {"r": shape.lora_r},
+        "data": {"source_max_len": shape.seq_len - shape.seq_len // 4, "target_max_len": shape.seq_len // 4},
         "training": {
-            "batch_size": batch_size,
+            "batch_size": shape.batch_size,
             "gradient_accumulation_steps": 1,
-            "max_steps": steps,
-            "gradient_checkpointing": gradient_checkpointing,
+            "max_steps": shape.steps,
+            "gradient_checkpointing": shape.gradient_checkpointing,
             "optim": optim,
             "group_by_length": False,
-            "logging_steps": steps,
-            "save_steps": steps,
+            "logging_steps": shape.steps,
+            "save_steps": shape.steps,
         },
     }
     if setup not in SETUPS:
         raise QloraError(f"unknown setup {setup!r}; setups: {', '.join(SETUPS)}")
     return validate_recipe(deep_merge(raw, SETUPS[setup]), source=f"benchmark setup {setup}")
+
+
+def measure_setup(
+    checkpoint: Path, setup: str, shape: RunShape, lengths: list[int], profile: bool = False
+) -> tuple[Recipe, dict[str, Any]]:
+    """Train one setup in a fresh process with a throwaway output_dir: the recipe it ran, and what was measured."""
+    with tempfile.TemporaryDirectory() as out:
+        recipe = bench_recipe(checkpoint, setup, shape, Path(out))
+        return recipe, isolated(measure_training, recipe, lengths, profile)
 
 
 class PeakMemory:
@@ -182,15 +211,15 @@ def _train(recipe: Recipe, lengths: list[int], meter: PeakMemory, profile: bool 
     from qlora_cli.train import build_trainer
 
     class StepMeter(TrainerCallback):
-        """Step end times and tokens; keeps the Trainer from writing a checkpoint at the last step."""
+        """Wall and CPU time and tokens at each step's end; keeps the Trainer from writing a checkpoint."""
 
         def __init__(self) -> None:
-            self.marks: list[tuple[float, int]] = []
+            self.marks: list[tuple[float, float, int]] = []
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if meter.cuda:
                 torch.cuda.synchronize()
-            self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
+            self.marks.append((time.perf_counter(), time.process_time(), state.num_input_tokens_seen))
             control.should_save = False
 
     gc.collect()
@@ -209,8 +238,11 @@ def _train(recipe: Recipe, lengths: list[int], meter: PeakMemory, profile: bool 
     meter.reset()
     with _profiler(profile) as prof:
         trainer.train()
-    marks = steps.marks  # the first step warms up and is left out; the median resists a busy machine
-    rates = [(n1 - n0) / (t1 - t0) for (t0, n0), (t1, n1) in zip(marks, marks[1:])]
+    # The first step warms up and is left out. Medians resist a busy machine; CPU time (all threads of
+    # this process) resists it better still, as long as threads do not spin waiting for each other.
+    pairs = list(zip(steps.marks, steps.marks[1:]))
+    per_wall = [(n1 - n0) / (t1 - t0) for (t0, _, n0), (t1, _, n1) in pairs]
+    per_cpu = [(n1 - n0) / (c1 - c0) for (_, c0, n0), (_, c1, n1) in pairs]
     return {
         **({"profile": top_ops(prof)} if profile else {}),
         "peak": meter.peak() - baseline,
@@ -218,7 +250,9 @@ def _train(recipe: Recipe, lengths: list[int], meter: PeakMemory, profile: bool 
         "load_peak": load_peak,
         "loaded_size": loaded_size,
         "largest_shard": largest_shard(Path(recipe.model.name_or_path)),
-        "tokens_per_s": statistics.median(rates) if rates else None,
+        "tokens_per_s": statistics.median(per_wall) if pairs else None,
+        "tokens_per_cpu_s": statistics.median(per_cpu) if pairs else None,
+        "threads": torch.get_num_threads(),
         **stored_bits(model),
     }
 

@@ -72,7 +72,7 @@ def plan(
         typer.Option(help="Architecture shortcut (llama-7b ... llama-65b, llama2-70b, ...) or model id / folder."),
     ] = None,
     gpu_memory: Annotated[Optional[str], typer.Option(help="GPU size for a verdict, e.g. 24GB or 80GB.")] = None,
-    num_processes: Annotated[int, typer.Option(help="GPUs the run is spread over (DDP, or FSDP with training.fsdp).")] = 1,
+    num_processes: Annotated[int, typer.Option(help="GPUs the run spreads over (DDP; FSDP with training.fsdp).")] = 1,
     device: Annotated[str, typer.Option(help="cuda, or cpu (fp32 compute).")] = "cuda",
     json_output: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:

@@ -10,8 +10,8 @@ prediction against measured peaks.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from qlora_cli.config import QuantizationConfig, Recipe
@@ -112,7 +112,9 @@ def known_architecture(name: str) -> Architecture | None:
     return None
 
 
-def architecture_for(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Architecture:
+def architecture_for(
+    name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False
+) -> Architecture:
     """A shortcut (llama-65b) or a well-known hub id needs nothing; otherwise read only config.json."""
     known = known_architecture(name_or_path)
     if known is not None:
@@ -327,7 +329,7 @@ def _estimate(
     quantized = setup.quant.bits in (4, 8)
     layer = arch.linears()
     if quantized:
-        linear_bits = sum(n_in * n_out * bits_per_parameter(setup.quant, in_features=n_in) for n_in, n_out in layer.values())
+        linear_bits = sum(n * m * bits_per_parameter(setup.quant, in_features=n) for n, m in layer.values())
         # prepare_model_for_kbit_training upcasts every 16-bit parameter left (embeddings, head, norms) to fp32
         base = int(arch.layers * linear_bits / 8) + 4 * arch.other_params
     else:
@@ -452,7 +454,9 @@ def parse_size(text: str) -> int:
 def render_plan(plan: MemoryPlan, budget: int | None = None) -> str:
     a = plan.arch
     dtype = {2: "bf16", 4: "fp32"}[plan.compute_bytes]
-    procs = f"{plan.num_processes} processes{' with FSDP' if plan.fsdp else ' (DDP)'}" if plan.num_processes > 1 else "1 process"
+    procs = "1 process"
+    if plan.num_processes > 1:
+        procs = f"{plan.num_processes} processes{' with FSDP' if plan.fsdp else ' (DDP)'}"
     head = [
         f"{a.name}: {a.params / 1e9:.2f}B parameters ({a.layers} layers, hidden {a.hidden}, vocab {a.vocab})",
         f"batch {plan.batch_size} x {plan.seq_len} tokens, {plan.optim}, {dtype} compute on {plan.device}, {procs}",

@@ -12,22 +12,12 @@ loaded) with what the planner predicts for the same recipe. Prints markdown tabl
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from qlora_cli.benchmark import (
-    SETUPS,
-    SIZES,
-    bench_recipe,
-    isolated,
-    markdown_table,
-    measure_training,
-    random_checkpoint,
-    write_json,
-)
+from qlora_cli.benchmark import SETUPS, SIZES, RunShape, markdown_table, measure_setup, random_checkpoint, write_json
 from qlora_cli.plan import GIB, plan_memory
 
 TOLERANCE = 0.15  # the target: every row within 15% of the prediction
@@ -38,13 +28,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="60m,135m,270m", help=f"comma-separated, from: {', '.join(SIZES)}")
     parser.add_argument("--setups", default="qlora,lora16,full", help=f"comma-separated, from: {', '.join(SETUPS)}")
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--lora-r", type=int, default=64)
-    parser.add_argument("--no-gradient-checkpointing", action="store_true")
+    RunShape.add_arguments(parser, batch_size=2, seq_len=256, steps=3)
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
+    shape = RunShape.from_args(args)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
@@ -52,20 +39,10 @@ def main() -> None:
         arch = SIZES[size]
         checkpoint = random_checkpoint(arch)
         for setup in args.setups.split(","):
-            with tempfile.TemporaryDirectory() as out:
-                recipe = bench_recipe(
-                    checkpoint,
-                    setup,
-                    output_dir=Path(out),
-                    batch_size=args.batch_size,
-                    seq_len=args.seq_len,
-                    steps=args.steps,
-                    gradient_checkpointing=not args.no_gradient_checkpointing,
-                    lora_r=args.lora_r,
-                )
-                predicted = plan_memory(recipe, arch, device=device).estimates[0].allocated()
-                started = time.perf_counter()
-                measured = isolated(measure_training, recipe, [args.seq_len] * (args.steps * args.batch_size))
+            started = time.perf_counter()
+            full_length = [shape.seq_len] * (shape.steps * shape.batch_size)
+            recipe, measured = measure_setup(checkpoint, setup, shape, full_length)
+            predicted = plan_memory(recipe, arch, device=device).estimates[0].allocated()
             row = {"size": size, "params": arch.params, "setup": setup, "predicted": predicted, **measured}
             row["seconds"] = round(time.perf_counter() - started, 1)
             rows.append(row)

@@ -38,10 +38,12 @@ def main() -> None:
 
     rows, cols = (int(n) for n in args.shape.split("x"))
     torch.manual_seed(0)
-    gaussian = {f"{q}{' + DQ' if dq else ''}": quantization_error(torch.randn(rows, cols) * 0.02, q, dq) for q, dq in VARIANTS}
+    weight = torch.randn(rows, cols) * 0.02
+    gaussian = {f"{q}{' + DQ' if dq else ''}": quantization_error(weight, q, dq) for q, dq in VARIANTS}
     print(f"## Gaussian {rows}x{cols} weights, std 0.02, block size {BLOCK_SIZE}\n")
+    reference = gaussian["nf4 + DQ"]["mse"]
     print(markdown_table(["format", "MSE", "vs NF4 + DQ", "stored bits / param"],
-                         [[name, f"{r['mse']:.4g}", f"{r['mse'] / gaussian['nf4 + DQ']['mse']:.2f}x", f"{r['bits']:.4f}"]
+                         [[name, f"{r['mse']:.4g}", f"{r['mse'] / reference:.2f}x", f"{r['bits']:.4f}"]
                           for name, r in gaussian.items()]))  # fmt: skip
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,9 +63,11 @@ def main() -> None:
         summary.append([kind, len(group), f"{nf4:.4g}", f"{fp4:.4g}", f"{fp4 / nf4:.2f}"])
     print(markdown_table(["layer", "count", "mean NF4 + DQ MSE", "mean FP4 + DQ MSE", "FP4 / NF4"], summary))
     base = quality["16-bit"]
-    print(f"\n## Held-out perplexity of the 16-bit-trained model loaded in 4 bits ({quality['eval_examples']} examples)\n")
+    print(f"\n## Held-out perplexity of the 16-bit-trained model loaded in 4 bits ({quality['eval_examples']} "
+          "examples)\n")  # fmt: skip
     print(markdown_table(["weights", "perplexity", "gap to 16-bit"],
-                         [[name, f"{ppl:.4f}", f"{ppl - base:+.4f}"] for name, ppl in quality["perplexity"].items()]))  # fmt: skip
+                         [[name, f"{ppl:.4f}", f"{ppl - base:+.4f}"]
+                          for name, ppl in quality["perplexity"].items()]))  # fmt: skip
     write_json(args.json, {"args": vars(args) | {"json": str(args.json), "output_dir": str(args.output_dir)},
                            "gaussian": gaussian, "layers": layers, "perplexity": quality})  # fmt: skip
 
@@ -72,7 +76,9 @@ def quantization_error(weight: torch.Tensor, quant_type: str, double_quant: bool
     """Round trip through bitsandbytes' 4-bit blockwise quantization; bits include every stored constant."""
     import bitsandbytes.functional as F
 
-    packed, state = F.quantize_4bit(weight, blocksize=BLOCK_SIZE, compress_statistics=double_quant, quant_type=quant_type)
+    packed, state = F.quantize_4bit(
+        weight, blocksize=BLOCK_SIZE, compress_statistics=double_quant, quant_type=quant_type
+    )
     restored = F.dequantize_4bit(packed, state)
     stored = [packed, state.absmax, state.code]
     if state.nested:
@@ -107,7 +113,8 @@ def layer_errors(folder: Path) -> list[dict]:
         if w.ndim != 2 or "embed" in name or "lm_head" in name:
             continue
         nf4, fp4 = (quantization_error(w.float(), q, True)["mse"] for q in ("nf4", "fp4"))
-        rows.append({"name": name.removesuffix(".weight"), "shape": "x".join(map(str, w.shape)), "nf4": nf4, "fp4": fp4})
+        shape = "x".join(map(str, w.shape))
+        rows.append({"name": name.removesuffix(".weight"), "shape": shape, "nf4": nf4, "fp4": fp4})
     return rows
 
 

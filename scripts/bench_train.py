@@ -15,21 +15,11 @@ from __future__ import annotations
 
 import argparse
 import random
-import tempfile
 from pathlib import Path
 
 import torch
 
-from qlora_cli.benchmark import (
-    SETUPS,
-    SIZES,
-    bench_recipe,
-    isolated,
-    markdown_table,
-    measure_training,
-    random_checkpoint,
-    write_json,
-)
+from qlora_cli.benchmark import SETUPS, SIZES, RunShape, markdown_table, measure_setup, random_checkpoint, write_json
 from qlora_cli.plan import GIB
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -41,17 +31,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="60m", help=f"one of: {', '.join(SIZES)}")
     parser.add_argument("--setups", default=",".join(SETUPS), help="comma-separated")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=6, help="the first step warms up; tokens/s is the median of the rest")
-    parser.add_argument("--lora-r", type=int, default=64)
-    parser.add_argument("--no-gradient-checkpointing", action="store_true")
+    RunShape.add_arguments(
+        parser, batch_size=4, seq_len=256, steps=6, steps_help="the first warms up; tokens/s: median of the rest"
+    )
     parser.add_argument("--profile", action="store_true", help="profile each setup with torch.profiler")
     parser.add_argument("--data", default=str(REAL_DATA) if REAL_DATA.exists() else "builtin:demo-instructions",
                         help="alpaca-format file for the padding measurement")  # fmt: skip
     parser.add_argument("--tokenizer", default=str(REAL_TOKENIZER) if REAL_TOKENIZER.exists() else "builtin:tiny-llama")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    shape = RunShape.from_args(args)
 
     arch = SIZES[args.size]
     checkpoint = random_checkpoint(arch)
@@ -59,18 +48,7 @@ def main() -> None:
     lengths = [rng.randint(args.seq_len // 2, args.seq_len) for _ in range(args.steps * args.batch_size)]
     results = {}
     for setup in args.setups.split(","):
-        with tempfile.TemporaryDirectory() as out:
-            recipe = bench_recipe(
-                checkpoint,
-                setup,
-                output_dir=Path(out),
-                batch_size=args.batch_size,
-                seq_len=args.seq_len,
-                steps=args.steps,
-                gradient_checkpointing=not args.no_gradient_checkpointing,
-                lora_r=args.lora_r,
-            )
-            results[setup] = isolated(measure_training, recipe, lengths, args.profile)
+        results[setup] = measure_setup(checkpoint, setup, shape, lengths, args.profile)[1]
         print(f"{setup}: {results[setup].get('tokens_per_s') or results[setup].get('error')} tokens/s", flush=True)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -81,21 +59,25 @@ def main() -> None:
     rows = []
     for setup, r in results.items():
         if "error" in r:
-            rows.append([setup, r["error"], "", "", "", "", ""])
+            rows.append([setup, r["error"], "", "", "", "", "", "", ""])
             continue
         rows.append([
             setup, f"{r['tokens_per_s']:.1f}", _ratio(r["tokens_per_s"], ref.get("tokens_per_s")),
+            f"{r['tokens_per_cpu_s']:.1f}", _ratio(r["tokens_per_cpu_s"], ref.get("tokens_per_cpu_s")),
             f"{r['peak'] / GIB:.3f}", _ratio(r["peak"], ref.get("peak")),
             f"{r['bits_per_linear_param']:.3f}", f"{r['bits_per_base_param']:.2f}",
         ])  # fmt: skip
     print(markdown_table(
-        ["setup", "non-pad tokens/s", "vs 16-bit LoRA", "peak GiB", "vs 16-bit LoRA", "bits / linear param",
-         "bits / base param"], rows))  # fmt: skip
-    print(f"\npeak memory: {next(iter(results.values())).get('memory_kind', '?')}, counted from before loading")
+        ["setup", "non-pad tokens/s", "vs 16-bit LoRA", "tokens / CPU-s", "vs 16-bit LoRA", "peak GiB",
+         "vs 16-bit LoRA", "bits / linear param", "bits / base param"], rows))  # fmt: skip
+    first = next(iter(results.values()))
+    print(f"\npeak memory: {first.get('memory_kind', '?')}, counted from before loading; {first.get('threads')} "
+          "threads; tokens/s and tokens per CPU-second: medians over the timed steps")  # fmt: skip
     for setup, r in results.items():
         if "profile" in r:
             print(f"\n### Where {setup}'s time goes (self time, whole run)\n")
-            print(markdown_table(["operator", "share"], [[name, f"{100 * share:.1f}%"] for name, share in r["profile"]]))
+            shares = [[name, f"{100 * share:.1f}%"] for name, share in r["profile"]]
+            print(markdown_table(["operator", "share"], shares))
 
     padding = padding_efficiency(args.data, args.tokenizer)
     print(f"\n## Padding efficiency on real instruction lengths ({padding['examples']} examples of {args.data}, "

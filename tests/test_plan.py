@@ -59,7 +59,8 @@ def _bigger(smaller: list[int], bigger: list[int]) -> None:
 def test_peak_grows_with_every_architecture_dimension(field, small, big):
     base = dataclasses.replace(LLAMA_7B, head_dim=128, kv_heads=8)
     recipe = default_recipe("llama-7b")
-    _bigger(peaks(recipe, dataclasses.replace(base, **{field: small})), peaks(recipe, dataclasses.replace(base, **{field: big})))
+    smaller, bigger = (dataclasses.replace(base, **{field: value}) for value in (small, big))
+    _bigger(peaks(recipe, smaller), peaks(recipe, bigger))
 
 
 @pytest.mark.parametrize(
@@ -81,7 +82,8 @@ def test_peak_grows_with_every_architecture_dimension(field, small, big):
 )
 @pytest.mark.parametrize("device", ["cuda", "cpu"])
 def test_peak_grows_with_every_recipe_input(small, big, device):
-    _bigger(peaks(default_recipe("llama-7b", [small]), device=device), peaks(default_recipe("llama-7b", [big]), device=device))
+    smaller, bigger = (default_recipe("llama-7b", [override]) for override in (small, big))
+    _bigger(peaks(smaller, device=device), peaks(bigger, device=device))
 
 
 def test_fsdp_shards_per_gpu_memory_and_ddp_does_not():
