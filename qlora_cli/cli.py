@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from enum import Enum
 from pathlib import Path
@@ -110,6 +111,29 @@ def report(
     from qlora_cli.report import write_report
 
     typer.echo(f"Report written to {write_report(run_dir, output)}")
+
+
+@app.command()
+def plan(
+    config: Annotated[
+        Optional[Path], typer.Option("--config", "-c", help="Recipe YAML file; default: the paper's hyperparameters.")
+    ] = None,
+    overrides: Overrides = None,
+    model: Annotated[
+        Optional[str],
+        typer.Option(help="Architecture shortcut (llama-7b ... llama-65b, llama2-70b, ...) or model id / folder."),
+    ] = None,
+    gpu_memory: Annotated[Optional[str], typer.Option(help="GPU size for a verdict, e.g. 24GB or 80GB.")] = None,
+    num_processes: Annotated[int, typer.Option(help="GPUs the run spreads over (DDP; FSDP with training.fsdp).")] = 1,
+    device: Annotated[str, typer.Option(help="cuda, or cpu (fp32 compute).")] = "cuda",
+    json_output: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Predict peak GPU memory of a recipe beside 16-bit LoRA and full finetuning; no weights needed."""
+    from qlora_cli.plan import parse_size, plan_for, render_plan
+
+    budget = parse_size(gpu_memory) if gpu_memory else None
+    result = plan_for(config, overrides or [], model, device=device, num_processes=num_processes)
+    typer.echo(json.dumps(result.to_dict(budget), indent=2) if json_output else render_plan(result, budget))
 
 
 @config_app.command("show")

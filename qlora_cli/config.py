@@ -211,6 +211,14 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return validate_recipe(raw, source=str(path))
 
 
+def default_recipe(model: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """The schema's defaults (the paper's hyperparameters) for `model`, for commands run without a recipe."""
+    raw: dict[str, Any] = {"output_dir": "runs/default", "model": {"name_or_path": model}}
+    for item in overrides:
+        _apply_override(raw, item)
+    return validate_recipe(raw, source="defaults")
+
+
 def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(raw)

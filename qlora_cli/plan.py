@@ -1,0 +1,518 @@
+"""Predict a recipe's peak GPU memory from the model's shape alone, before renting a GPU.
+
+The arithmetic mirrors what `qlora train` builds (model.py): linear layers stored in 4 bits plus their
+block constants, embeddings / head / norms upcast to fp32 by `prepare_model_for_kbit_training`, LoRA
+adapters kept in fp32 by peft, and the tensors autograd saves for a LLaMA layer under transformers 5
+(counted with `saved_tensors_hooks`, see tests/test_plan.py). scripts/bench_memory.py checks the
+prediction against measured peaks.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from qlora_cli.config import QuantizationConfig, Recipe
+from qlora_cli.errors import QloraError
+
+GIB = 2**30
+BLOCK_SIZE = 64  # bitsandbytes 4-bit: one absmax per 64 weights
+DQ_BLOCK_SIZE = 256  # double quant: the 8-bit absmaxes get one fp32 constant per 256
+CUDA_CONTEXT = GIB // 2  # CUDA context and library workspaces: outside torch's allocator
+CPU_PROCESS = GIB // 2  # interpreter + torch/transformers/peft/bitsandbytes, measured RSS after imports
+LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "gemma"}
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+# --------------------------------------------------------------------------- architectures
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A LLaMA-style decoder: separate q, k, v, o projections and a gated MLP (gate, up, down)."""
+
+    name: str
+    hidden: int
+    layers: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    head_dim: int = 0  # 0: hidden // heads
+    tied_embeddings: bool = False
+    hub_ids: tuple[str, ...] = ()
+
+    @property
+    def attention_width(self) -> int:
+        return self.heads * (self.head_dim or self.hidden // self.heads)
+
+    @property
+    def kv_width(self) -> int:
+        return self.kv_heads * (self.head_dim or self.hidden // self.heads)
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of every linear layer of one decoder layer."""
+        h, a, kv, i = self.hidden, self.attention_width, self.kv_width, self.intermediate
+        return {
+            "q_proj": (h, a),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (a, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+    @property
+    def linear_params(self) -> int:
+        return self.layers * sum(n_in * n_out for n_in, n_out in self.linears().values())
+
+    @property
+    def other_params(self) -> int:
+        """Embeddings, output head and norms: never quantized."""
+        head = 0 if self.tied_embeddings else self.vocab * self.hidden
+        return self.vocab * self.hidden + head + (2 * self.layers + 1) * self.hidden
+
+    @property
+    def params(self) -> int:
+        return self.linear_params + self.other_params
+
+
+def _llama(name: str, hidden: int, layers: int, intermediate: int, heads: int, kv_heads: int = 0,
+           vocab: int = 32000, hub_ids: tuple[str, ...] = ()) -> Architecture:  # fmt: skip
+    return Architecture(name, hidden, layers, intermediate, heads, kv_heads or heads, vocab, hub_ids=hub_ids)
+
+
+# Published config.json values; the paper's models are LLaMA 7B-65B.
+ARCHITECTURES: dict[str, Architecture] = {
+    a.name: a
+    for a in [
+        _llama("llama-7b", 4096, 32, 11008, 32, hub_ids=("huggyllama/llama-7b",)),
+        _llama("llama-13b", 5120, 40, 13824, 40, hub_ids=("huggyllama/llama-13b",)),
+        _llama("llama-33b", 6656, 60, 17920, 52, hub_ids=("huggyllama/llama-30b", "llama-30b")),
+        _llama("llama-65b", 8192, 80, 22016, 64, hub_ids=("huggyllama/llama-65b",)),
+        _llama("llama2-7b", 4096, 32, 11008, 32, hub_ids=("meta-llama/Llama-2-7b-hf",)),
+        _llama("llama2-13b", 5120, 40, 13824, 40, hub_ids=("meta-llama/Llama-2-13b-hf",)),
+        _llama("llama2-70b", 8192, 80, 28672, 64, 8, hub_ids=("meta-llama/Llama-2-70b-hf",)),
+        _llama("llama3-8b", 4096, 32, 14336, 32, 8, 128256, hub_ids=("meta-llama/Meta-Llama-3-8B",)),
+        _llama("llama3-70b", 8192, 80, 28672, 64, 8, 128256, hub_ids=("meta-llama/Meta-Llama-3-70B",)),
+        _llama("mistral-7b", 4096, 32, 14336, 32, 8, hub_ids=("mistralai/Mistral-7B-v0.1",)),
+    ]
+}
+
+
+def known_architecture(name: str) -> Architecture | None:
+    key = name.lower()
+    for arch in ARCHITECTURES.values():
+        if key == arch.name or key in (h.lower() for h in arch.hub_ids):
+            return arch
+    return None
+
+
+def architecture_for(
+    name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False
+) -> Architecture:
+    """A shortcut (llama-65b) or a well-known hub id needs nothing; otherwise read only config.json."""
+    known = known_architecture(name_or_path)
+    if known is not None:
+        return known
+    from transformers import AutoConfig
+
+    from qlora_cli.demo import resolve_builtin_model
+    from qlora_cli.model import _from_pretrained
+
+    source = resolve_builtin_model(name_or_path)
+    try:
+        config = _from_pretrained(
+            AutoConfig.from_pretrained, source, "model config", revision=revision, trust_remote_code=trust_remote_code
+        )
+    except QloraError as exc:
+        raise QloraError(f"{exc} (or plan with a shortcut: --model {' | '.join(ARCHITECTURES)})") from None
+    return architecture_from_config(config, name_or_path)
+
+
+def architecture_from_config(config: Any, name: str) -> Architecture:
+    model_type = getattr(config, "model_type", "?")
+    if model_type not in LLAMA_LIKE:
+        raise QloraError(
+            f"{name}: qlora plan knows LLaMA-style decoders ({', '.join(sorted(LLAMA_LIKE))}), not {model_type!r}"
+        )
+    heads = config.num_attention_heads
+    return Architecture(
+        name=name,
+        hidden=config.hidden_size,
+        layers=config.num_hidden_layers,
+        intermediate=config.intermediate_size,
+        heads=heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        vocab=config.vocab_size,
+        head_dim=getattr(config, "head_dim", None) or 0,
+        tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+    )
+
+
+# --------------------------------------------------------------------------- storage
+
+
+def bits_per_parameter(quant: QuantizationConfig, *, in_features: int | None = None) -> float:
+    """Stored bits per quantized weight, block constants included: 4.127 for NF4/FP4 + double quant.
+
+    Double quant stores the fp32 absmax of every 64-weight block as 8 bits, plus one fp32 constant
+    per 256 of those. LLM.int8 keeps one fp32 scale per output row (`in_features` weights).
+    """
+    if quant.bits == 4:
+        if quant.double_quant:
+            return 4 + 8 / BLOCK_SIZE + 32 / (BLOCK_SIZE * DQ_BLOCK_SIZE)
+        return 4 + 32 / BLOCK_SIZE
+    if quant.bits == 8:
+        return 8 + (32 / in_features if in_features else 0)
+    raise ValueError("bits_per_parameter is for quantized (4- or 8-bit) weights")
+
+
+OPTIMIZER_BYTES = {"8bit": 2 + 8 / 256, "adafactor": 0, "sgd": 0, "lion": 4}  # per trainable parameter
+
+
+def optimizer_bytes_per_param(optim: str) -> float:
+    """AdamW keeps two fp32 moments (8 bytes); 8-bit variants two bytes plus block constants."""
+    name = optim.lower()
+    if "8bit" in name:
+        return OPTIMIZER_BYTES["8bit"]
+    return next((v for k, v in OPTIMIZER_BYTES.items() if k in name), 8)
+
+
+# --------------------------------------------------------------------------- estimates
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One way to finetune a model: quantized base + LoRA, 16-bit base + LoRA, or full finetuning."""
+
+    label: str
+    quant: QuantizationConfig
+    lora: bool
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Bytes per process (per GPU)."""
+
+    label: str
+    base_weights: int
+    lora_weights: int
+    gradients: int
+    optimizer_state: int
+    optimizer_paged: int  # of which in CUDA unified memory (paged optimizers): it can spill to CPU RAM
+    optimizer_step: int  # temporaries of one optimizer update (bitsandbytes' CPU kernel: 3x a tensor)
+    activations_checkpointed: int
+    activations_full: int
+    overhead: int
+    gradient_checkpointing: bool
+
+    @property
+    def activations(self) -> int:
+        return self.activations_checkpointed if self.gradient_checkpointing else self.activations_full
+
+    def allocated(self, *, checkpointing: bool | None = None) -> int:
+        """What torch's allocator peaks at (max_memory_allocated): gradients appear as activations are freed."""
+        use = self.gradient_checkpointing if checkpointing is None else checkpointing
+        act = self.activations_checkpointed if use else self.activations_full
+        fixed = self.base_weights + self.lora_weights + self.optimizer_state - self.optimizer_paged
+        return fixed + max(act, self.gradients + self.optimizer_step)
+
+    def peak(self, *, checkpointing: bool | None = None) -> int:
+        """Everything the GPU holds at once, the paged optimizer state included."""
+        return self.allocated(checkpointing=checkpointing) + self.optimizer_paged + self.overhead
+
+    def resident(self) -> int:
+        """The peak without the paged optimizer state, which can wait in CPU RAM."""
+        return self.peak() - self.optimizer_paged
+
+    def verdict(self, budget: int) -> str:
+        if self.peak() <= budget:
+            return "fits"
+        if self.resident() <= budget:
+            return f"fits, {(self.peak() - budget) / GIB:.1f} GiB paged out"
+        return "does not fit"
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    arch: Architecture
+    device: str
+    compute_bytes: int
+    batch_size: int
+    seq_len: int
+    num_processes: int
+    fsdp: bool
+    lora_r: int
+    lora_modules: tuple[str, ...]
+    optim: str
+    estimates: tuple[Estimate, ...]
+
+    def to_dict(self, budget: int | None = None) -> dict[str, Any]:
+        out = asdict(self)
+        for est, row in zip(self.estimates, out["estimates"]):
+            row.update(allocated=est.allocated(), peak=est.peak(), resident=est.resident())
+            if budget is not None:
+                row["verdict"] = est.verdict(budget)
+        return out
+
+
+def setups_for(recipe: Recipe) -> list[Setup]:
+    """The recipe's own setup, then 16-bit LoRA and full finetuning of the same model beside it."""
+    q = recipe.quantization
+    own = Setup(_label(q, recipe.lora.enabled), q, recipe.lora.enabled)
+    sixteen = q.model_copy(update={"bits": 16})
+    others = [Setup("16-bit LoRA", sixteen, True), Setup("full finetuning", sixteen, False)]
+    return [own] + [s for s in others if (s.quant.bits, s.lora) != (own.quant.bits, own.lora)]
+
+
+def _label(q: QuantizationConfig, lora: bool) -> str:
+    if not lora:
+        return "full finetuning"
+    if q.bits == 4:
+        return f"QLoRA {q.quant_type}{' + DQ' if q.double_quant else ''}"
+    return f"{q.bits}-bit LoRA"
+
+
+def compute_bytes_for(quant: QuantizationConfig, device: str) -> int:
+    """`auto` is bf16 on a GPU (planning assumes one that has it) and fp32 on the CPU, as model.py resolves it."""
+    if quant.compute_dtype == "auto":
+        return 2 if device == "cuda" else 4
+    return 4 if quant.compute_dtype == "fp32" else 2
+
+
+def lora_modules(recipe: Recipe) -> tuple[str, ...]:
+    names = ATTENTION + MLP
+    if recipe.lora.target_modules == "all-linear":
+        return names
+    chosen = tuple(n for n in names if n in recipe.lora.target_modules)
+    if not chosen:
+        raise QloraError(f"lora.target_modules {recipe.lora.target_modules} names none of {', '.join(names)}")
+    return chosen
+
+
+def plan_memory(recipe: Recipe, arch: Architecture, *, device: str = "cuda", num_processes: int = 1) -> MemoryPlan:
+    if device not in ("cuda", "cpu"):
+        raise QloraError(f"device must be cuda or cpu, not {device!r}")
+    if num_processes < 1:
+        raise QloraError(f"--num-processes must be at least 1, not {num_processes}")
+    modules = lora_modules(recipe)
+    seq_len = recipe.data.source_max_len + recipe.data.target_max_len
+    estimates = tuple(
+        _estimate(setup, recipe, arch, modules, device=device, seq_len=seq_len, num_processes=num_processes)
+        for setup in setups_for(recipe)
+    )
+    return MemoryPlan(
+        arch=arch,
+        device=device,
+        compute_bytes=compute_bytes_for(recipe.quantization, device),
+        batch_size=recipe.training.batch_size,
+        seq_len=seq_len,
+        num_processes=num_processes,
+        fsdp=recipe.training.fsdp and num_processes > 1,
+        lora_r=recipe.lora.r,
+        lora_modules=modules,
+        optim=recipe.training.optim,
+        estimates=estimates,
+    )
+
+
+def _estimate(
+    setup: Setup, recipe: Recipe, arch: Architecture, modules: tuple[str, ...], *, device: str, seq_len: int,
+    num_processes: int,
+) -> Estimate:  # fmt: skip
+    c = compute_bytes_for(setup.quant, device)
+    quantized = setup.quant.bits in (4, 8)
+    layer = arch.linears()
+    if quantized:
+        linear_bits = sum(n * m * bits_per_parameter(setup.quant, in_features=n) for n, m in layer.values())
+        # prepare_model_for_kbit_training upcasts every 16-bit parameter left (embeddings, head, norms) to fp32
+        base = int(arch.layers * linear_bits / 8) + 4 * arch.other_params
+    else:
+        base = c * arch.params
+    tensors = _trainable_tensors(arch, recipe.lora.r, modules) if setup.lora else _model_tensors(arch)
+    trainable = sum(tensors)
+    lora_weights = 4 * trainable if setup.lora else 0  # peft keeps adapters in fp32 whatever the base
+    gradients = 4 * trainable if setup.lora else c * trainable
+    per_param = optimizer_bytes_per_param(recipe.training.optim)
+    optimizer = int(per_param * trainable)
+    # bitsandbytes pages only tensors of 1e5 elements or more, and only on a GPU
+    paged = "paged" in recipe.training.optim and device == "cuda"
+    optimizer_paged = int(per_param * sum(n for n in tensors if n >= 1e5)) if paged else 0
+    optimizer_step = 3 * 4 * max(tensors) if device == "cpu" else 0
+
+    shard = num_processes if recipe.training.fsdp and num_processes > 1 else 1
+    gathered = 0
+    if shard > 1:  # FSDP keeps 1/N of every state; a layer is all-gathered, the next one prefetched
+        gathered = 2 * (base - (4 if quantized else c) * arch.other_params) // arch.layers
+        base, lora_weights, gradients, optimizer, optimizer_paged, optimizer_step = (
+            x // shard for x in (base, lora_weights, gradients, optimizer, optimizer_paged, optimizer_step)
+        )
+    elif num_processes > 1:  # DDP reduces gradients through buckets of the same size
+        gradients *= 2
+
+    tokens = recipe.training.batch_size * seq_len
+    act = Activations(arch, setup, recipe, modules, c=c, residual=4 if quantized else c, device=device, tokens=tokens)
+    return Estimate(
+        label=setup.label,
+        base_weights=base,
+        lora_weights=lora_weights,
+        gradients=gradients,
+        optimizer_state=optimizer,
+        optimizer_paged=optimizer_paged,
+        optimizer_step=optimizer_step,
+        activations_checkpointed=act.total(checkpointing=True) + gathered,
+        activations_full=act.total(checkpointing=False) + gathered,
+        overhead=CUDA_CONTEXT if device == "cuda" else CPU_PROCESS,
+        gradient_checkpointing=recipe.training.gradient_checkpointing,
+    )
+
+
+def _trainable_tensors(arch: Architecture, r: int, modules: tuple[str, ...]) -> list[int]:
+    """Element counts of every LoRA A (r x in) and B (out x r) matrix."""
+    layer = arch.linears()
+    return [r * n for m in modules for n in layer[m]] * arch.layers
+
+
+def _model_tensors(arch: Architecture) -> list[int]:
+    layer = [n_in * n_out for n_in, n_out in arch.linears().values()] + [arch.hidden] * 2
+    head = [] if arch.tied_embeddings else [arch.vocab * arch.hidden]
+    return [arch.vocab * arch.hidden, *head, arch.hidden, *layer * arch.layers]
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Bytes autograd keeps between forward and backward, plus the transients at the peak.
+
+    Per token and decoder layer (elements): SDPA keeps q, k, v and its output (2a + 2kv), the two
+    RMSNorms their fp32 inputs (2h), the gated MLP gate, act(gate) and up (3i). A LoRA adapter keeps
+    its input (shared between q/k/v, and gate/up reuse the norm output) and its rank-r middle; with
+    dropout every adapter keeps its own dropped copy and the mask. A trainable base keeps the inputs
+    of every linear layer and the normalized states for the norms' weight gradients.
+    """
+
+    arch: Architecture
+    setup: Setup
+    recipe: Recipe
+    modules: tuple[str, ...]
+    c: int  # compute dtype bytes
+    residual: int  # residual stream: fp32 when prepare_model_for_kbit_training upcast the embeddings
+    device: str
+    tokens: int
+
+    def per_layer(self) -> int:
+        a = self.arch
+        h, att, kv, i = a.hidden, a.attention_width, a.kv_width, a.intermediate
+        elements = 2 * att + 2 * kv + 3 * i
+        fp32 = 2 * h
+        if self.setup.lora:
+            layer = a.linears()
+            lora = self.recipe.lora
+            mask = 1 if self.device == "cuda" else self.c  # CUDA dropout keeps a bool mask, the CPU a float one
+            if lora.dropout > 0:
+                inputs = sum(layer[m][0] for m in self.modules)
+                elements += inputs
+                masks = inputs * mask
+            else:
+                qkv = any(m in self.modules for m in ATTENTION[:3])
+                elements += h * qkv + att * ("o_proj" in self.modules) + i * ("down_proj" in self.modules)
+                masks = 0
+            elements += lora.r * len(self.modules)
+            return self.tokens * (self.c * elements + 4 * fp32 + masks)
+        elements += h + att + i + 2 * h
+        return self.tokens * (self.c * elements + 4 * fp32)
+
+    def total(self, *, checkpointing: bool) -> int:
+        a = self.arch
+        layer = self.per_layer()
+        stored = a.layers * self.tokens * a.hidden * self.residual + layer if checkpointing else a.layers * layer
+        logits = 3 * 4 * self.tokens * a.vocab  # logits, their fp32 log-softmax and its gradient
+        dequantized = 0
+        if self.setup.quant.bits in (4, 8):  # one layer's weight dequantized for its matmul
+            dequantized = self.c * max(n_in * n_out for n_in, n_out in a.linears().values())
+        return stored + logits + dequantized
+
+
+# --------------------------------------------------------------------------- parsing and display
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'48GB', '48GiB', '80g', '512MB': binary units, as GPU makers count (a '48GB' card holds 48 GiB)."""
+    match = _SIZE.match(text)
+    if not match or (not match.group(2) and not match.group(3)):
+        raise QloraError(f"--gpu-memory {text!r}: write a size such as 24GB, 48GiB or 80G")
+    value, unit = float(match.group(1)), match.group(2).lower()
+    return int(value * 1024 ** " kmgt".index(unit or " "))
+
+
+def render_plan(plan: MemoryPlan, budget: int | None = None) -> str:
+    a = plan.arch
+    dtype = {2: "bf16", 4: "fp32"}[plan.compute_bytes]
+    procs = "1 process"
+    if plan.num_processes > 1:
+        procs = f"{plan.num_processes} processes{' with FSDP' if plan.fsdp else ' (DDP)'}"
+    head = [
+        f"{a.name}: {a.params / 1e9:.2f}B parameters ({a.layers} layers, hidden {a.hidden}, vocab {a.vocab})",
+        f"batch {plan.batch_size} x {plan.seq_len} tokens, {plan.optim}, {dtype} compute on {plan.device}, {procs}",
+        f"LoRA r={plan.lora_r} on {', '.join(plan.lora_modules)}",
+        "memory per GPU; 1 GiB = 2^30 bytes, and a GPU sold as 48GB holds 48 GiB",
+        "",
+    ]
+    ests = plan.estimates
+    ckpt = ests[0].gradient_checkpointing
+
+    def gib(n: int) -> str:
+        return f"{n / GIB:.2f} GiB" if n else "-"
+
+    rows: list[tuple[str, list[str]]] = [
+        ("base weights", [gib(e.base_weights) for e in ests]),
+        ("LoRA adapters (fp32)", [gib(e.lora_weights) for e in ests]),
+        ("gradients", [gib(e.gradients) for e in ests]),
+        ("optimizer state", [gib(e.optimizer_state) for e in ests]),
+        ("  of which paged", [gib(e.optimizer_paged) for e in ests]),
+        (f"activations, checkpointing on{' *' if ckpt else ''}", [gib(e.activations_checkpointed) for e in ests]),
+        (f"activations, checkpointing off{'' if ckpt else ' *'}", [gib(e.activations_full) for e in ests]),
+        ("framework overhead", [gib(e.overhead) for e in ests]),
+        ("peak GPU memory", [gib(e.peak()) for e in ests]),
+        ("  in GB (10^9 bytes)", [f"{e.peak() / 1e9:.1f} GB" for e in ests]),
+        ("  without paged optimizer", [gib(e.resident()) for e in ests]),
+        (f"peak with checkpointing {'off' if ckpt else 'on'}", [gib(e.peak(checkpointing=not ckpt)) for e in ests]),
+    ]
+    if budget is not None:
+        rows.append((f"verdict for {budget / GIB:g} GiB", [e.verdict(budget) for e in ests]))
+    header = ("", [e.label for e in ests])
+    width0 = max(len(r[0]) for r in rows)
+    widths = [max(len(header[1][k]), *(len(r[1][k]) for r in rows)) for k in range(len(ests))]
+    lines = [
+        "  ".join([label.ljust(width0), *(cell.rjust(w) for cell, w in zip(cells, widths))]).rstrip()
+        for label, cells in [header, *rows]
+    ]
+    notes = [
+        "",
+        "* the recipe's setting. Peak = weights + adapters + optimizer + the larger of activations and gradients",
+        "(gradients appear as activations are freed) + overhead. Paged optimizer state can spill to CPU RAM.",
+    ]
+    return "\n".join(head + lines + notes)
+
+
+def plan_for(
+    config: Path | None, overrides: list[str], model: str | None, *, device: str = "cuda", num_processes: int = 1
+) -> MemoryPlan:
+    """`qlora plan`: the recipe file (or the defaults), with --model replacing its model."""
+    from qlora_cli.config import default_recipe, load_recipe
+
+    if config is None and model is None:
+        raise QloraError("qlora plan needs --config RECIPE or --model NAME (e.g. --model llama-65b)")
+    if config is None:
+        recipe = default_recipe(model, overrides)
+    else:
+        recipe = load_recipe(config, [*overrides, *([f"model.name_or_path={model}"] if model else [])])
+    m = recipe.model
+    arch = architecture_for(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    return plan_memory(recipe, arch, device=device, num_processes=num_processes)

@@ -1,0 +1,199 @@
+"""The memory planner: exact storage arithmetic, monotonic in every input, the paper's headline figures,
+activation coefficients counted from autograd, and one prediction checked against a measured peak."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qlora_cli.config import QuantizationConfig, default_recipe
+from qlora_cli.plan import ARCHITECTURES, GIB, Activations, Setup, bits_per_parameter, parse_size, plan_memory
+from tests.conftest import REPO
+
+LLAMA_7B = ARCHITECTURES["llama-7b"]
+
+
+def test_bits_per_parameter_is_the_papers():
+    assert bits_per_parameter(QuantizationConfig(double_quant=True)) == 4 + 8 / 64 + 32 / (64 * 256) == 4.126953125
+    assert bits_per_parameter(QuantizationConfig(double_quant=False)) == 4.5
+    assert bits_per_parameter(QuantizationConfig(bits=8), in_features=4096) == 8 + 32 / 4096
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_bits_per_parameter_is_what_bitsandbytes_stores(quant_type, double_quant):
+    import bitsandbytes.functional as F
+
+    weight = torch.randn(256, 1024) * 0.02
+    packed, state = F.quantize_4bit(weight, blocksize=64, compress_statistics=double_quant, quant_type=quant_type)
+    stored = [packed, state.absmax] + ([state.state2.absmax] if double_quant else [])
+    bits = 8 * sum(t.numel() * t.element_size() for t in stored) / weight.numel()
+    assert bits == bits_per_parameter(QuantizationConfig(quant_type=quant_type, double_quant=double_quant))
+
+
+def peaks(recipe, arch=LLAMA_7B, **kwargs) -> list[int]:
+    return [e.peak() for e in plan_memory(recipe, arch, **kwargs).estimates]
+
+
+def _bigger(smaller: list[int], bigger: list[int]) -> None:
+    assert all(b >= s for s, b in zip(smaller, bigger)), (smaller, bigger)
+    assert bigger[0] > smaller[0], "the recipe's own setup must grow"
+
+
+@pytest.mark.parametrize(
+    "field, small, big",
+    [
+        ("hidden", 4096, 5120),
+        ("layers", 32, 40),
+        ("intermediate", 11008, 14336),
+        ("kv_heads", 8, 32),
+        ("vocab", 32000, 128256),
+        ("heads", 32, 40),  # with a fixed head_dim: wider attention
+    ],
+)
+def test_peak_grows_with_every_architecture_dimension(field, small, big):
+    base = dataclasses.replace(LLAMA_7B, head_dim=128, kv_heads=8)
+    recipe = default_recipe("llama-7b")
+    smaller, bigger = (dataclasses.replace(base, **{field: value}) for value in (small, big))
+    _bigger(peaks(recipe, smaller), peaks(recipe, bigger))
+
+
+@pytest.mark.parametrize(
+    "small, big",
+    [
+        ("training.batch_size=1", "training.batch_size=4"),
+        ("data.source_max_len=384", "data.source_max_len=1024"),
+        ("data.target_max_len=128", "data.target_max_len=512"),
+        ("lora.r=16", "lora.r=64"),
+        ("lora.target_modules=[q_proj,v_proj]", "lora.target_modules=all-linear"),
+        ("lora.dropout=0", "lora.dropout=0.1"),
+        ("quantization.double_quant=true", "quantization.double_quant=false"),
+        ("quantization.bits=4", "quantization.bits=8"),
+        ("quantization.bits=8", "quantization.bits=16"),
+        ("quantization.compute_dtype=bf16", "quantization.compute_dtype=fp32"),
+        ("training.optim=paged_adamw_8bit", "training.optim=paged_adamw_32bit"),
+        ("training.gradient_checkpointing=true", "training.gradient_checkpointing=false"),
+    ],
+)
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_peak_grows_with_every_recipe_input(small, big, device):
+    smaller, bigger = (default_recipe("llama-7b", [override]) for override in (small, big))
+    _bigger(peaks(smaller, device=device), peaks(bigger, device=device))
+
+
+def test_fsdp_shards_per_gpu_memory_and_ddp_does_not():
+    recipe, fsdp = default_recipe("llama-65b"), default_recipe("llama-65b", ["training.fsdp=true"])
+    arch = ARCHITECTURES["llama-65b"]
+    one, two, four = (peaks(fsdp, arch, num_processes=n) for n in (1, 2, 4))
+    assert all(a > b > c for a, b, c in zip(one, two, four))
+    assert peaks(recipe, arch, num_processes=4) >= one  # DDP: every GPU holds the whole model
+
+
+def test_reproduces_the_papers_memory_headline():
+    qlora_65b, _, full_65b = plan_memory(default_recipe("llama-65b"), ARCHITECTURES["llama-65b"]).estimates
+    assert qlora_65b.verdict(parse_size("48GB")) == "fits"  # 65B QLoRA on one 48 GB GPU
+    assert full_65b.peak() > 780e9  # regular 16-bit finetuning of 65B: more than 780 GB
+    qlora_33b = plan_memory(default_recipe("llama-33b"), ARCHITECTURES["llama-33b"]).estimates[0]
+    assert qlora_33b.resident() < 24 * GIB  # 33B on a 24 GB consumer GPU, optimizer state paged
+    qlora_7b = plan_memory(default_recipe("llama-7b"), LLAMA_7B).estimates[0]
+    assert 5 * GIB < qlora_7b.resident() < 7 * GIB
+
+
+def test_parse_size_reads_gpu_sizes_in_binary_units():
+    assert parse_size("48GB") == parse_size("48GiB") == parse_size("48g") == 48 * GIB
+    assert parse_size("512MB") == 512 * 2**20
+    from qlora_cli.errors import QloraError
+
+    with pytest.raises(QloraError, match="--gpu-memory"):
+        parse_size("48")
+
+
+@pytest.mark.parametrize(
+    "bits, lora_overrides",
+    [
+        (4, ["lora.dropout=0"]),
+        (4, ["lora.dropout=0.1"]),
+        (16, ["lora.dropout=0.1", "lora.target_modules=[q_proj,v_proj]"]),
+        (16, ["lora.enabled=false"]),
+    ],
+)
+def test_layer_activations_are_what_autograd_saves(bits, lora_overrides):
+    """Count the bytes autograd keeps inside one decoder layer of a real (tiny) model."""
+    from qlora_cli.model import add_lora, load_model
+    from qlora_cli.plan import architecture_for, lora_modules
+
+    recipe = default_recipe("builtin:tiny-llama", [f"quantization.bits={bits}", "lora.r=8", *lora_overrides])
+    loaded = load_model(recipe.model, recipe.quantization)
+    model = add_lora(loaded.model, recipe.lora, seq2seq=False) if recipe.lora.enabled else loaded.model
+    model.train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    layer = loaded.model.model.layers[1]
+    layer.register_forward_pre_hook(lambda *_: hooks.__enter__())
+    layer.register_forward_hook(lambda *_: hooks.__exit__(None, None, None))
+    ids = torch.randint(3, 400, (2, 32))
+    model(input_ids=ids, labels=ids)
+
+    arch = architecture_for("builtin:tiny-llama")
+    setup = Setup("x", recipe.quantization, recipe.lora.enabled)
+    predicted = Activations(arch, setup, recipe, lora_modules(recipe), c=4, residual=4, device="cpu", tokens=64)
+    assert sum(saved.values()) == pytest.approx(predicted.per_layer(), rel=0.02)
+
+
+def test_plan_command_gives_a_verdict_for_each_setup(cli):
+    code, out, _ = cli("plan", "--model", "llama-65b", "--gpu-memory", "48GB")
+    assert code == 0
+    verdict = next(line for line in out.splitlines() if line.startswith("verdict"))
+    assert verdict.split("GiB", 1)[1].split() == ["fits", "does", "not", "fit", "does", "not", "fit"]
+
+
+def test_plan_command_reads_a_recipe_and_its_model_config(cli):
+    code, out, _ = cli("plan", "--config", str(REPO / "configs/demo.yaml"), "training.batch_size=2", "--json")
+    assert code == 0
+    plan = json.loads(out)
+    assert (plan["arch"]["hidden"], plan["arch"]["layers"], plan["batch_size"]) == (256, 4, 2)
+    assert [e["label"] for e in plan["estimates"]] == ["QLoRA nf4 + DQ", "16-bit LoRA", "full finetuning"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "--model"),
+        (["--model", "llama-7b", "--gpu-memory", "lots"], "--gpu-memory"),
+        (["--model", "builtin:tiny-t5"], "t5"),
+        (["--model", "llama-7b", "lora.rr=8"], "lora.rr"),
+    ],
+)
+def test_plan_command_errors_are_one_line(cli, args, message):
+    code, _, err = cli("plan", *args)
+    assert code == 2
+    last = err.strip().splitlines()[-1]  # building a builtin model first draws a progress bar
+    assert last.startswith("error: ") and message in last
+
+
+def test_predicted_peak_matches_a_measured_training_run(tmp_path):
+    """scripts/bench_memory.py at its smallest size: one real QLoRA run, predicted vs peak RSS."""
+    out = tmp_path / "rows.json"
+    args = ["--sizes", "30m", "--setups", "qlora", "--steps", "2", "--batch-size", "2", "--seq-len", "64"]
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts/bench_memory.py"), *args, "--json", str(out)],
+        cwd=REPO, env={**__import__("os").environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["peak"] == pytest.approx(row["predicted"], rel=0.15)
+    assert row["load_peak"] <= 1.3 * row["model_bytes"] + row["largest_shard"]
+    assert row["bits_per_linear_param"] == pytest.approx(4.127, abs=0.05)
