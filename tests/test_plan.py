@@ -163,7 +163,7 @@ def test_plan_command_reads_a_recipe_and_its_model_config(cli):
     code, out, _ = cli("plan", "--config", str(REPO / "configs/demo.yaml"), "training.batch_size=2", "--json")
     assert code == 0
     plan = json.loads(out)
-    assert (plan["arch"]["hidden"], plan["arch"]["layers"], plan["batch_size"]) == (256, 4, 2)
+    assert (plan["arch"]["hidden"], plan["arch"]["layers"], plan["batch_size"]) == (128, 4, 2)
     assert [e["label"] for e in plan["estimates"]] == ["QLoRA nf4 + DQ", "16-bit LoRA", "full finetuning"]
 
 
