@@ -91,7 +91,9 @@ def find_resume_checkpoint(path: Path) -> Path:
     """`path` itself if it is a checkpoint, else the newest complete checkpoint in the run folder `path`."""
     if not path.exists():
         raise QloraError(f"cannot resume from {path}: no such folder")
-    if checkpoint_step(path) is not None or (path / TRAINER_STATE).exists():
+    # A run folder holds a trainer_state.json too (for the report), beside its checkpoint-N folders.
+    looks_like_checkpoint = (path / TRAINER_STATE).exists() and not checkpoints(path, complete=False)
+    if checkpoint_step(path) is not None or looks_like_checkpoint:
         if not is_complete(path):
             raise QloraError(f"cannot resume from {path}: incomplete checkpoint (no readable {TRAINER_STATE})")
         return path

@@ -55,6 +55,13 @@ def test_resume_takes_the_newest_complete_checkpoint_and_skips_incomplete_ones(t
     assert "Skipping incomplete checkpoint-12, checkpoint-14" in capsys.readouterr().err
 
 
+def test_a_finished_run_folder_is_not_mistaken_for_a_checkpoint(tmp_path):
+    """The final save writes trainer_state.json at the run's root (for the report) beside checkpoint-N."""
+    _checkpoint(tmp_path, 3)
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
+    assert find_resume_checkpoint(tmp_path) == tmp_path / "checkpoint-3"
+
+
 def test_resume_from_an_explicit_checkpoint_or_nothing(tmp_path):
     explicit = _checkpoint(tmp_path, 4)
     assert find_resume_checkpoint(explicit) == explicit
