@@ -65,11 +65,11 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=2048)
     args = parser.parse_args()
 
-    if args.size:
-        args.model = str(random_checkpoint(SIZES[args.size]))
-        model_cfg = ModelConfig(name_or_path=args.model, tokenizer=TOKENIZER)
-    else:
-        model_cfg = ModelConfig(name_or_path=args.model)
+    model_cfg = (
+        ModelConfig(name_or_path=str(random_checkpoint(SIZES[args.size])), tokenizer=TOKENIZER)
+        if args.size
+        else ModelConfig(name_or_path=args.model)
+    )
     loaded = load_for_inference(model_cfg, QuantizationConfig.named(args.quantization))
     if loaded.seq2seq:
         parser.error("the one-at-a-time reference scores decoder-only models")
@@ -103,8 +103,8 @@ def main() -> None:
     )
     device = "cuda " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()}"
     print(
-        f"{args.size or args.model} ({args.quantization}), {args.shots}-shot, {n} questions from {len(cfg.subjects)} subjects, "
-        f"{tokens:.0f} prompt tokens on average, {device}"
+        f"{args.size or args.model} ({args.quantization}), {args.shots}-shot, {n} questions from "
+        f"{len(cfg.subjects)} subjects, {tokens:.0f} prompt tokens on average, {device}"
     )
     print(f"{'scorer':<26} {'wall s':>7} {'questions/s':>12} {'speedup':>8} {'CPU s':>7} {'speedup':>8}")
     for name, wall, cpu in (

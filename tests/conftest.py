@@ -30,14 +30,22 @@ def shared_data() -> Path:
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None):
     """Run the real `qlora` command in a subprocess (python -m qlora_cli), as a user would."""
+    return _run_python("-m", "qlora_cli", *args, cwd=cwd, timeout=timeout, env=env)
+
+
+def run_script(name: str, *args: str, timeout: float = 600):
+    """Run scripts/NAME from the checkout in a subprocess, as the README tells users to."""
+    return _run_python(str(REPO / "scripts" / name), *args, timeout=timeout)
+
+
+def _run_python(*argv: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None):
     import subprocess
     import sys
 
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "qlora_cli", *args],
+        [sys.executable, *argv],
         cwd=cwd or REPO,
-        env=full_env,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,

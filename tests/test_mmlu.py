@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from qlora_cli.eval.mmlu import (
     score_prompts,
     summarize,
 )
-from tests.conftest import REPO, run_cli
+from tests.conftest import run_cli, run_script
 
 HEADER = "The following are multiple choice questions (with answers) about  high school physics.\n\n"
 
@@ -397,14 +396,8 @@ def test_full_five_shot_run_over_all_57_subjects(shared_data, tmp_path):
 
 def test_bench_script_finds_the_batched_scorer_equal_to_one_question_at_a_time(hendrycks):
     """scripts/bench_mmlu.py's own check: both scorers predict the same letter for every question."""
-    import subprocess
-    import sys
-
     args = ["--data", str(hendrycks), "--subjects", "high_school_physics,philosophy", "--batch-size", "2"]
-    result = subprocess.run(
-        [sys.executable, str(REPO / "scripts/bench_mmlu.py"), *args],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    result = run_script("bench_mmlu.py", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "5-shot, 6 questions from 2 subjects" in result.stdout
     assert "identical predictions: 6/6" in result.stdout

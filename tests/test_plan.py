@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from qlora_cli.config import QuantizationConfig, default_recipe
 from qlora_cli.plan import ARCHITECTURES, GIB, Activations, Setup, bits_per_parameter, parse_size, plan_memory
-from tests.conftest import REPO
+from tests.conftest import REPO, run_script
 
 LLAMA_7B = ARCHITECTURES["llama-7b"]
 
@@ -187,11 +185,7 @@ def test_predicted_peak_matches_a_measured_training_run(tmp_path):
     """scripts/bench_memory.py at its smallest size: one real QLoRA run, predicted vs peak RSS."""
     out = tmp_path / "rows.json"
     args = ["--sizes", "30m", "--setups", "qlora", "--steps", "2", "--batch-size", "2", "--seq-len", "64"]
-    result = subprocess.run(
-        [sys.executable, str(REPO / "scripts/bench_memory.py"), *args, "--json", str(out)],
-        cwd=REPO, env={**__import__("os").environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
-        timeout=600,
-    )  # fmt: skip
+    result = run_script("bench_memory.py", *args, "--json", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     (row,) = json.loads(out.read_text())["rows"]
     assert row["peak"] == pytest.approx(row["predicted"], rel=0.15)
