@@ -133,17 +133,14 @@ def load_model(
     ensure_pad_token(tokenizer, model)
     if not for_training:
         model.eval()
-    elif quant.bits in (4, 8) and not fsdp:  # FSDP shards the base in its storage dtype: no fp32 upcast
-        from peft import prepare_model_for_kbit_training
+    else:
+        if quant.bits in (4, 8) and not fsdp:  # FSDP shards the base in its storage dtype: no fp32 upcast
+            from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+            # its own checkpointing goes through transformers' deprecated name (a FutureWarning every run)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if gradient_checkpointing:  # also makes the embeddings' output require grad, for the LoRA layers after it
+            model.activation_checkpointing_enable({"use_reentrant": False})
     return LoadedModel(model, tokenizer, seq2seq, compute_dtype, source)
 
 

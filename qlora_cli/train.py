@@ -186,7 +186,7 @@ def training_arguments(recipe: Recipe, compute_dtype: torch.dtype, *, seq2seq: b
         max_grad_norm=t.max_grad_norm,
         adam_beta2=t.adam_beta2,
         weight_decay=t.weight_decay,
-        gradient_checkpointing=False,  # enabled (non-reentrant) when the model was loaded
+        activation_checkpointing=False,  # enabled (non-reentrant) when the model was loaded
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         logging_steps=t.logging_steps,
         save_strategy="steps",

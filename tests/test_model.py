@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -59,6 +61,20 @@ def test_lora_wraps_every_linear_layer_but_the_head(tiny_llama_4bit):
     assert not hasattr(model.get_output_embeddings(), "lora_A")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
+
+
+@pytest.mark.parametrize("bits", [4, 16])
+def test_checkpointing_is_non_reentrant_and_asked_for_by_its_current_name(bits):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_model(
+            ModelConfig(name_or_path="builtin:tiny-llama"), QuantizationConfig(bits=bits), gradient_checkpointing=True
+        )
+    assert not [w for w in caught if "gradient_checkpointing" in str(w.message)]
+    layer = loaded.model.model.layers[0]
+    assert layer.gradient_checkpointing and layer._gradient_checkpointing_func.keywords == {"use_reentrant": False}
+    embedded = loaded.model.get_input_embeddings()(torch.tensor([[1, 2]]))
+    assert embedded.requires_grad  # what lets gradients reach LoRA layers inside a checkpointed frozen layer
 
 
 def test_tokenizer_without_pad_reuses_unk_without_resizing(tiny_llama_4bit):
