@@ -5,12 +5,18 @@ Both score the same prompts on the same model; the table says how many questions
 manages and whether their predictions agree. Runs on CUDA unchanged when a GPU is present.
 
     python scripts/bench_mmlu.py --data ../shared/data/mmlu/hendrycks
-    python scripts/bench_mmlu.py --size 60m --data ../shared/data/mmlu/hendrycks --limit 10
+    python scripts/bench_mmlu.py --data ../shared/data/mmlu/hendrycks --shots 0 --size 135m
     python scripts/bench_mmlu.py --model huggyllama/llama-7b --data mmlu/ --limit 20
 
-The builtin tiny model (hidden 128) spends most of a 1,300-token prompt in attention, unlike any real
-LLM; `--size` takes a random-init LLaMA shape (hidden 512 and up, LLaMA's 32000-token vocabulary) whose
-time, like a real model's, goes to its linear layers and head.
+The default model is a random-init LLaMA shape (`--size`: hidden 512 and up, LLaMA's 32000-token
+vocabulary) whose time, like a real model's, goes to its linear layers and head. The builtin tiny model
+(`--model builtin:tiny-llama`, hidden 128) spends most of a 1,300-token prompt in attention, unlike any
+real LLM.
+
+The table also counts the multiply-adds each scorer did in the linear layers (the head included): time
+that batching cannot save unless it does less of that work. Without a shared prefix to reuse (0-shot),
+the only work saved is the vocabulary head at every position but the last, so on a CPU that already runs
+one prompt at its peak rate, the speed-up stays near the ratio of that work.
 """
 
 from __future__ import annotations
@@ -40,6 +46,23 @@ def one_at_a_time(model, tokenizer, prompts: list[str]) -> torch.Tensor:
     return torch.stack(rows)
 
 
+class LinearWork:
+    """Multiply-adds in the model's linear layers, counted by forward hooks on every `nn.Linear`."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.macs = 0
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):  # bitsandbytes' 4- and 8-bit layers included
+                module.register_forward_hook(self._count)
+
+    def _count(self, module: torch.nn.Linear, inputs: tuple, output: torch.Tensor) -> None:
+        self.macs += inputs[0].shape[:-1].numel() * module.in_features * module.out_features
+
+    def measure(self, fn):
+        self.macs = 0
+        return fn(), self.macs
+
+
 def timed(fn):
     """Wall seconds and this process's CPU seconds (steadier than wall time on a shared machine)."""
     if torch.cuda.is_available():
@@ -53,8 +76,8 @@ def timed(fn):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="builtin:tiny-llama")
-    parser.add_argument("--size", choices=list(SIZES), help="instead of --model: a random-init LLaMA of this shape")
+    parser.add_argument("--model", help="a checkpoint folder or hub id, instead of a random-init --size")
+    parser.add_argument("--size", default="60m", choices=list(SIZES), help="the random-init LLaMA shape to score")
     parser.add_argument("--quantization", default="nf4", choices=["nf4", "fp4", "int8", "none"])
     parser.add_argument("--data", required=True, help="Hendrycks MMLU folder (dev/, test/)")
     parser.add_argument("--split", default="test", choices=["test", "val"])
@@ -66,9 +89,9 @@ def main() -> None:
     args = parser.parse_args()
 
     model_cfg = (
-        ModelConfig(name_or_path=str(random_checkpoint(SIZES[args.size])), tokenizer=TOKENIZER)
-        if args.size
-        else ModelConfig(name_or_path=args.model)
+        ModelConfig(name_or_path=args.model)
+        if args.model
+        else ModelConfig(name_or_path=str(random_checkpoint(SIZES[args.size])), tokenizer=TOKENIZER)
     )
     loaded = load_for_inference(model_cfg, QuantizationConfig.named(args.quantization))
     if loaded.seq2seq:
@@ -85,12 +108,13 @@ def main() -> None:
     items = load_items(cfg, loaded.tokenizer)
     model, tokenizer = loaded.model, loaded.tokenizer
     one_at_a_time(model, tokenizer, [items[0].prompt])  # warm up kernels and allocator for both
+    work = LinearWork(model)
 
-    single, single_s, single_cpu = timed(
-        lambda: summarize(items, one_at_a_time(model, tokenizer, [i.prompt for i in items]))
+    (single, single_macs), single_s, single_cpu = timed(
+        lambda: work.measure(lambda: summarize(items, one_at_a_time(model, tokenizer, [i.prompt for i in items])))
     )
-    batched, batched_s, batched_cpu = timed(
-        lambda: evaluate(model, tokenizer, items, seq2seq=False, batch_size=args.batch_size)
+    (batched, batched_macs), batched_s, batched_cpu = timed(
+        lambda: work.measure(lambda: evaluate(model, tokenizer, items, seq2seq=False, batch_size=args.batch_size))
     )
 
     n = len(items)
@@ -103,16 +127,20 @@ def main() -> None:
     )
     device = "cuda " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()}"
     print(
-        f"{args.size or args.model} ({args.quantization}), {args.shots}-shot, {n} questions from "
+        f"{args.model or args.size} ({args.quantization}), {args.shots}-shot, {n} questions from "
         f"{len(cfg.subjects)} subjects, {tokens:.0f} prompt tokens on average, {device}"
     )
-    print(f"{'scorer':<26} {'wall s':>7} {'questions/s':>12} {'speedup':>8} {'CPU s':>7} {'speedup':>8}")
-    for name, wall, cpu in (
-        ("one question at a time", single_s, single_cpu),
-        (f"batched (batch {args.batch_size})", batched_s, batched_cpu),
+    print(
+        f"{'scorer':<26} {'wall s':>7} {'questions/s':>12} {'speedup':>8} {'CPU s':>7} {'speedup':>8}"
+        f" {'linear GMAC':>12} {'less work':>10}"
+    )
+    for name, wall, cpu, macs in (
+        ("one question at a time", single_s, single_cpu, single_macs),
+        (f"batched (batch {args.batch_size})", batched_s, batched_cpu, batched_macs),
     ):
         print(
             f"{name:<26} {wall:>7.1f} {n / wall:>12.2f} {single_s / wall:>7.1f}x {cpu:>7.1f} {single_cpu / cpu:>7.1f}x"
+            f" {macs / 1e9:>12.1f} {single_macs / macs:>9.1f}x"
         )
     print(f"identical predictions: {sum(same)}/{n}; largest letter-logit difference {gap:.2e}")
 

@@ -396,8 +396,12 @@ def test_full_five_shot_run_over_all_57_subjects(shared_data, tmp_path):
 
 def test_bench_script_finds_the_batched_scorer_equal_to_one_question_at_a_time(hendrycks):
     """scripts/bench_mmlu.py's own check: both scorers predict the same letter for every question."""
-    args = ["--data", str(hendrycks), "--subjects", "high_school_physics,philosophy", "--batch-size", "2"]
+    args = ["--model", "builtin:tiny-llama", "--data", str(hendrycks), "--subjects", "high_school_physics,philosophy"]
+    args += ["--batch-size", "2"]
     result = run_script("bench_mmlu.py", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "5-shot, 6 questions from 2 subjects" in result.stdout
     assert "identical predictions: 6/6" in result.stdout
+    batched_row = next(line for line in result.stdout.splitlines() if line.startswith("batched"))
+    less_work = float(batched_row.split()[-1].rstrip("x"))
+    assert less_work > 1.5  # each subject's header and shots went through the linear layers once, not per question
