@@ -155,20 +155,21 @@ def tiny_llama():
     return load_for_inference(ModelConfig(name_or_path="builtin:tiny-llama"), QuantizationConfig.named("nf4"))
 
 
-def _prompts(n_per_group: int = 5) -> tuple[list[str], list[tuple]]:
-    """Two groups with long shared prefixes and questions of different lengths."""
+def _prompts(n_per_group: int = 5, shots: int = 3) -> tuple[list[str], list[tuple]]:
+    """Two groups with shared prefixes (long with shots, a short header without) and questions of different lengths."""
     prompts, groups = [], []
     for subject in ("apple river", "stone cloud"):
-        prefix = f"The following are about {subject}.\n\n" + "Repeat the words. green music\nAnswer: A\n\n" * 3
+        prefix = f"The following are about {subject}.\n\n" + "Repeat the words. green music\nAnswer: A\n\n" * shots
         for i in range(n_per_group):
             prompts.append(prefix + "house " * (1 + 3 * i) + "\nA. one\nB. two\nC. three\nD. four\nAnswer:")
-            groups.append((subject, 5))
+            groups.append((subject, shots))
     return prompts, groups
 
 
-def test_scores_equal_logits_computed_by_hand(tiny_llama):
+@pytest.mark.parametrize("shots", [3, 0])
+def test_scores_equal_logits_computed_by_hand(tiny_llama, shots):
     model, tokenizer = tiny_llama.model, tiny_llama.tokenizer
-    prompts, groups = _prompts()
+    prompts, groups = _prompts(shots=shots)
     letters = letter_token_ids(tokenizer)
     bos = tokenizer.bos_token_id
     with torch.no_grad():
@@ -187,6 +188,7 @@ def test_scores_equal_logits_computed_by_hand(tiny_llama):
     finally:
         hook.remove()
     assert reused_cache.count(True) == 4  # two groups of five in batches of 4: each group's prefix encoded once
+    assert reused_cache.count(False) == 2  # the two prefixes, however short a share of their prompts
     torch.testing.assert_close(scored, by_hand, atol=1e-4, rtol=1e-4)
     assert scored.argmax(1).tolist() == by_hand.argmax(1).tolist()
 

@@ -262,9 +262,9 @@ def score_prompts(
 ) -> torch.Tensor:
     """The four letter logits of each prompt's next token, shape (len(prompts), 4), in prompt order.
 
-    Prompts with the same `groups` key (a subject's five-shot prompts) share their leading tokens; when
-    those are at least half of the group's tokens, a decoder-only model encodes them once and reuses the
-    cache for every question, which is where most of the speed on a CPU comes from. Questions are batched
+    Prompts with the same `groups` key (a subject's prompts) share their leading tokens: the header, and
+    at five shots the shots too. A decoder-only model encodes those once and reuses the cache for every
+    question, which is where most of the speed on a CPU comes from. Questions are batched
     longest first and padded on the left, with position ids counted over real tokens only, so every row's
     last position is exactly its own prompt's end. Seq2seq models score the first decoder token.
     """
@@ -282,10 +282,10 @@ def score_prompts(
     plan = []  # (shared prefix length, rows of one batch), a group's batches one after another
     for rows in members.values():
         shared = _common_prefix_length([encoded[i] for i in rows])
-        if 2 * shared * len(rows) < sum(len(encoded[i]) for i in rows):
-            pooled += rows  # not worth a cache: zero-shot prompts share little more than the header
-        else:
+        if shared:
             plan += _batches(rows, encoded, batch_size, shared)
+        else:
+            pooled += rows
     plan += _batches(pooled, encoded, batch_size, 0)
 
     collate = PaddingCollator(tokenizer.pad_token_id, padding_side="right" if seq2seq else "left")
