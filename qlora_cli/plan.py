@@ -178,9 +178,7 @@ OPTIMIZER_BYTES = {"8bit": 2 + 8 / 256, "adafactor": 0, "sgd": 0, "lion": 4}  # 
 def optimizer_bytes_per_param(optim: str) -> float:
     """AdamW keeps two fp32 moments (8 bytes); 8-bit variants two bytes plus block constants."""
     name = optim.lower()
-    if "8bit" in name:
-        return OPTIMIZER_BYTES["8bit"]
-    return next((v for k, v in OPTIMIZER_BYTES.items() if k in name), 8)
+    return next((v for k, v in OPTIMIZER_BYTES.items() if k in name), 8)  # "8bit" first: paged_lion_8bit is 8-bit
 
 
 # --------------------------------------------------------------------------- estimates

@@ -58,9 +58,10 @@ class LinearWork:
     def _count(self, module: torch.nn.Linear, inputs: tuple, output: torch.Tensor) -> None:
         self.macs += inputs[0].shape[:-1].numel() * module.in_features * module.out_features
 
-    def measure(self, fn):
-        self.macs = 0
-        return fn(), self.macs
+    def take(self) -> int:
+        """The count since the last take."""
+        macs, self.macs = self.macs, 0
+        return macs
 
 
 def timed(fn):
@@ -110,12 +111,14 @@ def main() -> None:
     one_at_a_time(model, tokenizer, [items[0].prompt])  # warm up kernels and allocator for both
     work = LinearWork(model)
 
-    (single, single_macs), single_s, single_cpu = timed(
-        lambda: work.measure(lambda: summarize(items, one_at_a_time(model, tokenizer, [i.prompt for i in items])))
+    single, single_s, single_cpu = timed(
+        lambda: summarize(items, one_at_a_time(model, tokenizer, [i.prompt for i in items]))
     )
-    (batched, batched_macs), batched_s, batched_cpu = timed(
-        lambda: work.measure(lambda: evaluate(model, tokenizer, items, seq2seq=False, batch_size=args.batch_size))
+    single_macs = work.take()
+    batched, batched_s, batched_cpu = timed(
+        lambda: evaluate(model, tokenizer, items, seq2seq=False, batch_size=args.batch_size)
     )
+    batched_macs = work.take()
 
     n = len(items)
     tokens = sum(len(tokenizer(i.prompt, add_special_tokens=False)["input_ids"]) for i in items) / n
