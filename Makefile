@@ -1,16 +1,19 @@
-# `make demo` and `make test` set up .venv on first use, then run the demo / the test suite.
+# `make demo` and `make test` set up .venv on first use (the tested stack in constraints.txt), then run the demo /
+# the test suite. `make test-latest` runs the suite on the newest releases pyproject.toml allows, in .venv-latest.
+SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+LATEST := .venv-latest
 
-.PHONY: demo test install clean
+.PHONY: demo test test-latest constraints install clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -21,5 +24,22 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest
 
+# Everything upgraded to its newest allowed release except torch (TORCH: the build for this machine).
+test-latest:
+	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST)/bin/python -m pip install --quiet $(TORCH)
+	$(LATEST)/bin/python -m pip freeze | grep -i '^torch==' > $(LATEST)/torch-constraint.txt
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager \
+		-c $(LATEST)/torch-constraint.txt -e '.[test]'
+	@echo "Versions that differ from constraints.txt:"
+	@$(LATEST)/bin/python -m pip freeze --exclude-editable | sed 's/+cpu//' | sort | comm -13 <(grep -v '^#' constraints.txt | sort) - || true
+	$(LATEST)/bin/python -m pytest
+
+# After a green `make test-latest`: make its stack the tested one.
+constraints:
+	{ sed -n '1,2p' constraints.txt; $(LATEST)/bin/python -m pip freeze --exclude-editable | sed 's/+cpu//'; } \
+		> constraints.txt.new && mv constraints.txt.new constraints.txt
+
 clean:
-	rm -rf $(VENV) runs *.egg-info
+	rm -rf $(VENV) $(LATEST) runs *.egg-info

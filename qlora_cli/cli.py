@@ -296,7 +296,7 @@ MERGE_HELP = (
     "by the base's quantization error. Use it for adapters trained on a 16-bit base.\n\n"
     "Writes safetensors shards, config, generation config and tokenizer (loadable without peft) and "
     "merge_report.json: the largest logit difference from base + adapter on a few fixed prompts, and the peak "
-    "memory."
+    "memory. When that difference exceeds --tolerance the merge fails and writes nothing."
 )
 
 
@@ -317,11 +317,20 @@ def merge_adapter(
         typer.Option(help="cpu or cuda (default: the GPU if there is one). The 16-bit model must fit there."),
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier merge in --output.")] = False,
+    tolerance: Annotated[
+        Optional[float],
+        typer.Option(
+            min=0.0,
+            help="Largest logit difference from the trained model to accept; over it the merge fails and writes "
+            "nothing.",
+            show_default="0.001 for fp32, 0.1 for fp16, 0.5 for bf16",
+        ),
+    ] = None,
 ) -> None:
     from qlora_cli.merge import MergeRequest
     from qlora_cli.merge import merge_adapter as run_merge
 
-    report = run_merge(MergeRequest(adapter, output, base, dtype, base_weights, device, overwrite))
+    report = run_merge(MergeRequest(adapter, output, base, dtype, base_weights, device, overwrite, tolerance))
     typer.echo(report.summary())
 
 
@@ -420,6 +429,9 @@ def _resume_command(argv: list[str]) -> str:
 
 
 def main() -> None:
+    from qlora_cli.kernels import quiet_missing_kernels_package
+
+    quiet_missing_kernels_package()
     debug = "--debug" in sys.argv[1:]
     try:
         app()

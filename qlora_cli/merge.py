@@ -6,6 +6,10 @@ Merging into 4-bit weights re-quantizes them and loses most of the adapter, so t
 loader did), so the merged model reproduces base-NF4 + adapter. `original` merges into the untouched
 weights, which the adapter never saw.
 
+The merged model is checked against the model it stands for, computed the way training computed it (never
+through bitsandbytes' fused CPU inference kernel), and the merge fails, writing nothing, when the largest
+logit difference exceeds the tolerance for its dtype (`DEFAULT_TOLERANCE`, or `--tolerance`).
+
 Memory: the 4-bit reference is freed before the 16-bit copy is loaded, and both the round trip and peft's
 merge work in place, one layer at a time, so the peak stays near one copy of the 16-bit model.
 """
@@ -34,11 +38,15 @@ from qlora_cli.config import DataConfig, QuantizationConfig
 from qlora_cli.data.tokenize import tokenize_example
 from qlora_cli.errors import QloraError
 from qlora_cli.generate import apply_format
+from qlora_cli.kernels import packed_weights
 from qlora_cli.model import LoadedModel, device_for_process, load_for_inference
 
 BaseWeights = Literal["original", "nf4-roundtrip"]
 MergeDtype = Literal["bf16", "fp16", "fp32"]
 MERGE_REPORT = "merge_report.json"
+# Largest logit difference from the reference that a merge in this dtype may show: the rounding of the merged
+# weights to the dtype, measured on the tiny test models and SmolLM2-135M (docs/merging.md), with headroom.
+DEFAULT_TOLERANCE: dict[str, float] = {"fp32": 1e-3, "bf16": 0.5, "fp16": 0.1}
 # (instruction, answer): the check compares logits over both, so the answer tokens are scored too.
 CHECK_EXAMPLES = [
     ("Write the digits as words.", "three one four"),
@@ -56,6 +64,7 @@ class MergeRequest:
     base_weights: BaseWeights | None = None  # default: nf4-roundtrip when training quantized the base to 4 bits
     device: str | None = None
     overwrite: bool = False
+    tolerance: float | None = None  # default: DEFAULT_TOLERANCE[dtype]
 
 
 @dataclass
@@ -69,6 +78,7 @@ class MergeReport:
     reference: str  # what the merged model was compared with
     check_prompts: int
     max_abs_logit_diff: float
+    tolerance: float  # the merge fails when max_abs_logit_diff exceeds it
     adapter_effect: float  # largest logit change the adapter makes: what a lossy merge would lose
     peak_memory_bytes: int
     peak_memory_kind: str
@@ -83,7 +93,8 @@ class MergeReport:
             f"Merged {self.adapter} into {self.base_model} ({self.base_weights} base weights, {self.dtype}) "
             f"-> {self.output}\n"
             f"Check on {self.check_prompts} prompts: largest logit difference from {self.reference}: "
-            f"{self.max_abs_logit_diff:.2e} (the adapter itself moves logits by up to {self.adapter_effect:.2e})\n"
+            f"{self.max_abs_logit_diff:.2e}, within the tolerance {self.tolerance:.0e} (the adapter itself moves logits "
+            f"by up to {self.adapter_effect:.2e})\n"
             f"Peak memory {self.peak_memory_bytes / gib:.2f} GiB ({self.peak_memory_kind.replace('_', ' ')}; "
             f"{self.memory_at_start_bytes / gib:.2f} GiB before loading) for a {self.model_bytes / gib:.2f} GiB "
             f"model, {self.seconds:.0f} s. Report: {Path(self.output) / MERGE_REPORT}"
@@ -96,18 +107,19 @@ def merge_adapter(request: MergeRequest) -> MergeReport:
     quant = adapter.quantization
     model_cfg = adapter.base_model(request.base)
     sixteen_bit = QuantizationConfig(bits=16, compute_dtype=request.dtype)
+    tolerance = DEFAULT_TOLERANCE[request.dtype] if request.tolerance is None else request.tolerance
     with MemoryMeter(device) as meter:
         if base_weights == "nf4-roundtrip":
-            trained = load_for_inference(model_cfg, quant, adapter.path, device=device)
+            trained = load_for_inference(model_cfg, quant, adapter.path, device=device, as_trained=True)
             reference, base_only = _logits_with_and_without_adapter(trained, adapter)
             quantized = _quantized_weights(trained.model)
             del trained
             _release_memory()
-            loaded = load_for_inference(model_cfg, sixteen_bit, adapter.path, device=device)
+            loaded = load_for_inference(model_cfg, sixteen_bit, adapter.path, device=device, as_trained=True)
             _round_trip_in_place(loaded.model, quantized)
             reference_name = f"4-bit {quant.quant_type} base + adapter, as trained"
         else:
-            loaded = load_for_inference(model_cfg, sixteen_bit, adapter.path, device=device)
+            loaded = load_for_inference(model_cfg, sixteen_bit, adapter.path, device=device, as_trained=True)
             reference, base_only = _logits_with_and_without_adapter(loaded, adapter)
             reference_name = f"{request.dtype} base + adapter, unmerged"
         # In place (no safe_merge, which clones every weight and so keeps a second copy alive);
@@ -116,6 +128,13 @@ def merge_adapter(request: MergeRequest) -> MergeReport:
         merged_logits = _check_logits(loaded, adapter)
         if not all(torch.isfinite(logits).all() for logits in merged_logits):
             raise QloraError(f"merging {adapter.path} gave non-finite logits: the adapter holds NaN or inf weights")
+        difference, effect = _max_abs_diff(merged_logits, reference), _max_abs_diff(reference, base_only)
+        if not difference <= tolerance:
+            raise QloraError(
+                f"the merged model is {difference:.2e} logits away from {reference_name}, over the tolerance "
+                f"{tolerance:.0e} for {request.dtype} (the adapter moves logits by {effect:.2e}); nothing written. "
+                "Merge with --dtype fp32, or accept it with --tolerance"
+            )
 
         with _staged(request.output) as staging:
             _save_model(loaded, adapter, staging)
@@ -128,8 +147,9 @@ def merge_adapter(request: MergeRequest) -> MergeReport:
                 device=device,
                 reference=reference_name,
                 check_prompts=len(CHECK_EXAMPLES),
-                max_abs_logit_diff=_max_abs_diff(merged_logits, reference),
-                adapter_effect=_max_abs_diff(reference, base_only),
+                max_abs_logit_diff=difference,
+                tolerance=tolerance,
+                adapter_effect=effect,
                 peak_memory_bytes=meter.peak,
                 peak_memory_kind=meter.kind,
                 memory_at_start_bytes=meter.start,
@@ -211,6 +231,8 @@ def _quantized_weights(model: Any) -> dict[str, _QuantSpec]:
     """Every 4-bit layer of the trained model and how its weight was quantized, read from its quant state."""
     import bitsandbytes as bnb
 
+    if packed := packed_weights(model):  # load_for_inference(as_trained=True) never lets this happen
+        raise QloraError(f"cannot read how {packed[0]} was quantized: bitsandbytes repacked it for CPU inference")
     return {
         name: _QuantSpec(state.blocksize, state.quant_type, state.nested, state.dtype)
         for name, module in model.named_modules()

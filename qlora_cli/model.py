@@ -11,6 +11,7 @@ import torch
 from qlora_cli.config import LoraConfig, ModelConfig, QuantizationConfig, Recipe
 from qlora_cli.demo import resolve_builtin_model
 from qlora_cli.errors import QloraError, refusing_pickled_code
+from qlora_cli.kernels import choose_cpu_kernel, quiet_missing_kernels_package
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -79,6 +80,7 @@ class LoadedModel:
     seq2seq: bool
     compute_dtype: torch.dtype
     source: str  # the resolved folder or hub id
+    cpu_kernel: str | None  # how 4-bit layers multiply on the CPU (qlora_cli.kernels); None: no 4-bit layers
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
@@ -108,9 +110,15 @@ def load_model(
     device: str | None = None,
     gradient_checkpointing: bool = False,
     for_training: bool = True,
+    fast_inference_kernel: bool = False,
     fsdp: bool = False,
 ) -> LoadedModel:
-    """Quantized while loading, shard by shard: the full-precision model is never materialized."""
+    """Quantized while loading, shard by shard: the full-precision model is never materialized.
+
+    `fast_inference_kernel` lets a model that is not trained use bitsandbytes' fused CPU kernel where it
+    computes what the model would (qlora_cli.kernels); training and merge checks never do.
+    """
+    quiet_missing_kernels_package()
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     device = device or device_for_process()
@@ -131,6 +139,7 @@ def load_model(
     model = _from_pretrained(auto_class.from_pretrained, source, "model", **kwargs)
     tokenizer = load_tokenizer(cfg)
     ensure_pad_token(tokenizer, model)
+    cpu_kernel = choose_cpu_kernel(model, compute_dtype, device, inference=fast_inference_kernel and not for_training)
     if not for_training:
         model.eval()
     else:
@@ -141,14 +150,22 @@ def load_model(
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         if gradient_checkpointing:  # also makes the embeddings' output require grad, for the LoRA layers after it
             model.activation_checkpointing_enable({"use_reentrant": False})
-    return LoadedModel(model, tokenizer, seq2seq, compute_dtype, source)
+    return LoadedModel(model, tokenizer, seq2seq, compute_dtype, source, cpu_kernel)
 
 
 def load_for_inference(
-    cfg: ModelConfig, quant: QuantizationConfig, adapter: str | os.PathLike | None = None, *, device: str | None = None
+    cfg: ModelConfig,
+    quant: QuantizationConfig,
+    adapter: str | os.PathLike | None = None,
+    *,
+    device: str | None = None,
+    as_trained: bool = False,
 ) -> LoadedModel:
-    """Base (quantized as recipe says) plus an optional trained adapter, in eval mode."""
-    loaded = load_model(cfg, quant, device=device, for_training=False)
+    """Base (quantized as recipe says) plus an optional trained adapter, in eval mode.
+
+    `as_trained` computes exactly as training did (no fused inference kernel): for references to check against.
+    """
+    loaded = load_model(cfg, quant, device=device, for_training=False, fast_inference_kernel=not as_trained)
     if adapter is not None:
         from peft import PeftModel
 

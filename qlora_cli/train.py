@@ -212,9 +212,26 @@ def training_arguments(recipe: Recipe, compute_dtype: torch.dtype, *, seq2seq: b
     )
 
 
+class QloraTrainer(Trainer):
+    """The Trainer, with evaluation that leaves training exactly as it would have been without it.
+
+    Starting the eval DataLoader draws its base seed from torch's global generator, which LoRA dropout reads
+    next: without this, a run with `eval_steps` trained a different adapter from the same run without.
+    """
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            return super().evaluate(*args, **kwargs)
+
+
+class QloraSeq2SeqTrainer(QloraTrainer, Seq2SeqTrainer):
+    pass
+
+
 def build_trainer(recipe: Recipe, loaded: LoadedModel, model: Any, data: PreparedData) -> Any:
     args = training_arguments(recipe, loaded.compute_dtype, seq2seq=loaded.seq2seq, has_eval=data.eval is not None)
-    trainer_class = Seq2SeqTrainer if loaded.seq2seq else Trainer
+    trainer_class = QloraSeq2SeqTrainer if loaded.seq2seq else QloraTrainer
     trainer = trainer_class(
         model=model,
         args=args,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -26,6 +28,26 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is absent")
     return SHARED_DATA
+
+
+@contextmanager
+def bnb_defaults_of_an_avx512_bf16_cpu() -> Iterator[None]:
+    """4-bit layers built inside get the default bitsandbytes gives them on an AVX512-BF16 CPU.
+
+    There, `Linear4bit` repacks its weight in place at its first no-grad forward in eval mode, unless told
+    not to. This lets a test on any CPU check that our code always tells it; on such a CPU it changes nothing.
+    """
+    import bitsandbytes.nn.modules
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
+        yield
+
+
+@pytest.fixture
+def avx512_bf16_defaults() -> Iterator[None]:
+    with bnb_defaults_of_an_avx512_bf16_cpu():
+        yield
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None):

@@ -193,3 +193,44 @@ def test_nf4_roundtrip_needs_a_4bit_run(tmp_path, llama_adapter):
     with pytest.raises(QloraError, match="trained on a 16-bit base"):
         merge_adapter(MergeRequest(adapter, tmp_path / "out", base_weights="nf4-roundtrip"))
 
+
+
+def test_merge_reproduces_the_trained_model_with_avx512_bf16_defaults(tmp_path, llama_adapter, avx512_bf16_defaults):
+    """There, the reference forward used to repack the 4-bit weights, and the round trip then ran in bf16."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_cli.merge import MergeRequest, merge_adapter
+
+    report = merge_adapter(MergeRequest(llama_adapter, tmp_path / "merged", dtype="fp32"))
+    assert report.max_abs_logit_diff < 1e-3 and report.adapter_effect > 1e-2
+    reference, examples, _ = trained_model_logits(llama_adapter)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        logits = [merged(input_ids=torch.tensor([e["input_ids"]])).logits for e in examples]
+    assert max_diff(logits, reference) < 1e-3
+
+
+def test_merge_over_the_tolerance_fails_writes_nothing_and_keeps_the_earlier_merge(cli, tmp_path, llama_adapter):
+    out = tmp_path / "merged"
+    code, _, err = cli("merge-adapter", "--adapter", str(llama_adapter), "--output", str(out), "--dtype", "fp32")
+    assert code == 0, err
+    earlier = json.loads((out / MERGE_REPORT).read_text())
+    assert earlier["tolerance"] == 1e-3 and earlier["max_abs_logit_diff"] <= earlier["tolerance"]
+    code, stdout, err = cli(
+        "merge-adapter", "--adapter", str(llama_adapter), "--output", str(out), "--overwrite", "--tolerance", "1e-9"
+    )  # bf16: rounding the merged weights moves logits by far more than 1e-9
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "over the tolerance 1e-09 for bf16" in errors[0], err
+    assert "the adapter moves logits by" in errors[0] and "Merged" not in stdout
+    assert json.loads((out / MERGE_REPORT).read_text()) == earlier
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no hidden staging folder left
+
+
+def test_merge_help_states_the_default_tolerances(cli):
+    from qlora_cli.merge import DEFAULT_TOLERANCE
+
+    code, out, _ = cli("merge-adapter", "--help")
+    assert code == 0
+    help_text = " ".join(out.split())
+    for dtype, tolerance in DEFAULT_TOLERANCE.items():
+        assert f"{tolerance:g} for {dtype}" in help_text

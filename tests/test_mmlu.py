@@ -4,6 +4,7 @@ and the real data (the paper code's JSON, all 57 Hendrycks subjects) when ../sha
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from qlora_cli.eval.mmlu import (
     Item,
     Question,
     build_prompts,
+    cache_argument_name,
     format_question,
     format_subject,
     letter_token_ids,
@@ -25,6 +27,7 @@ from qlora_cli.eval.mmlu import (
     summarize,
 )
 from tests.conftest import run_cli, run_script
+from tests.data_fixtures import hendrycks  # noqa: F401 (fixture)
 
 HEADER = "The following are multiple choice questions (with answers) about  high school physics.\n\n"
 
@@ -36,28 +39,6 @@ class WordTokenizer:
         return {"input_ids": list(range(len(text.split())))}
 
 
-def _write_csv(path: Path, rows: list[list[str]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        csv.writer(f).writerows(rows)
-
-
-@pytest.fixture
-def hendrycks(tmp_path: Path) -> Path:
-    """Two subjects in two categories; a choice with a comma and quotes, as the real CSVs have."""
-    root = tmp_path / "mmlu"
-    dev = [[f"Dev question {i}?", f"a{i}", f"b{i}", f"c{i}", f"d{i}", "ABCD"[i % 4]] for i in range(5)]
-    for subject in ("high_school_physics", "philosophy"):
-        _write_csv(root / "dev" / f"{subject}_dev.csv", dev)
-        _write_csv(
-            root / "test" / f"{subject}_test.csv",
-            [
-                ["What is 2+2?", "3", "4", '"five", maybe', "22", "B"],
-                ["Which one is a unit of force?", "newton", "joule", "watt", "pascal", "A"],
-                ["Pick D.", "no", "no", "no", "yes", "D"],
-            ],
-        )
-    return root
 
 
 # --------------------------------------------------------------------------- prompts
@@ -179,9 +160,11 @@ def test_scores_equal_logits_computed_by_hand(tiny_llama, shots):
                 for p in prompts
             ]
         )[:, letters]
+    cache_argument = cache_argument_name(set(inspect.signature(model.forward).parameters))
+    assert cache_argument, "this transformers release passes the KV cache under a name score_prompts does not know"
     reused_cache = []
     hook = model.register_forward_pre_hook(
-        lambda module, args, kwargs: reused_cache.append(kwargs.get("past_key_values") is not None), with_kwargs=True
+        lambda module, args, kwargs: reused_cache.append(kwargs.get(cache_argument) is not None), with_kwargs=True
     )
     try:
         scored = score_prompts(model, tokenizer, prompts, seq2seq=False, batch_size=4, groups=groups)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, run_cli
+from tests.data_fixtures import hendrycks  # noqa: F401 (fixture)
 
 DEMO = str(REPO / "configs" / "demo.yaml")
 QUICK = [
@@ -94,3 +95,26 @@ def test_a_completed_run_is_not_overwritten_without_the_flag(run):
     assert refused.returncode == 2
     assert "--overwrite" in refused.stderr and "Traceback" not in refused.stderr
     assert (out / "completed").is_file()
+
+
+def test_evaluation_during_training_does_not_change_what_is_trained(cli, tmp_path, hendrycks, avx512_bf16_defaults):
+    """Eval loss, exact match and the MMLU callback run no-grad forwards between steps; with bitsandbytes'
+    AVX512-BF16 defaults those repacked the 4-bit weights in place and training went on through them."""
+    from safetensors.torch import load_file
+
+    common = ["--config", DEMO, *QUICK, "training.max_steps=6", "training.save_steps=100"]
+    evaluated, plain = tmp_path / "evaluated", tmp_path / "plain"
+    code, _, err = cli(
+        "train", *common, f"output_dir={evaluated}", "training.eval_steps=2", "eval.exact_match_samples=4",
+        "eval.max_new_tokens=4", f"eval.mmlu={{every_n_steps: 2, split: test, shots: 0, data: {hendrycks}}}",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "autograd kernel was not registered" not in err
+    history = json.loads((evaluated / "trainer_state.json").read_text())["log_history"]
+    assert sum("eval_loss" in e for e in history) == 3 and sum("mmlu_accuracy" in e for e in history) == 3
+    code, _, err = cli("train", *common, f"output_dir={plain}")
+    assert code == 0, err
+    with_eval, without = (load_file(run / "adapter_model.safetensors") for run in (evaluated, plain))
+    assert with_eval.keys() == without.keys()
+    for name, tensor in with_eval.items():
+        torch.testing.assert_close(tensor, without[name], atol=1e-6, rtol=0, msg=name)

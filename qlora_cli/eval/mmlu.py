@@ -274,8 +274,9 @@ def score_prompts(
         for ids in tokenizer(prompts, add_special_tokens=False, verbose=False)["input_ids"]
     ]
     accepts = _forward_arguments(model)
+    cache_argument = cache_argument_name(accepts)
     members: dict[Hashable, list[int]] = defaultdict(list)
-    if groups is not None and not seq2seq and "past_key_values" in accepts:
+    if groups is not None and not seq2seq and cache_argument:
         for i, key in enumerate(groups):
             members[key].append(i)
     pooled = [] if members else list(range(len(prompts)))
@@ -310,12 +311,13 @@ def score_prompts(
                 if prefix != prefix_key:
                     ids = torch.tensor([prefix], device=device)
                     keep = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
-                    prefix_key, prefix_cache = prefix, model(input_ids=ids, use_cache=True, **keep).past_key_values
+                    prefix_key, prefix_cache = prefix, model(input_ids=ids, use_cache=True, **keep)[cache_argument]
                 cache = copy.deepcopy(prefix_cache)
                 cache.batch_repeat_interleave(len(rows))
                 ones = torch.ones(len(rows), shared, dtype=torch.long, device=device)
                 batch.update(
-                    past_key_values=cache, use_cache=True, attention_mask=torch.cat([ones, batch["attention_mask"]], 1)
+                    {cache_argument: cache, "use_cache": True},
+                    attention_mask=torch.cat([ones, batch["attention_mask"]], 1),
                 )
                 positions = positions + shared
             if "position_ids" in accepts:
@@ -338,6 +340,11 @@ def _batches(rows: list[int], encoded: list[list[int]], batch_size: int, shared:
     """Longest first, so each batch holds prompts of similar length and little padding."""
     rows = sorted(rows, key=lambda i: -len(encoded[i]))
     return [(shared, rows[start : start + batch_size]) for start in range(0, len(rows), batch_size)]
+
+
+def cache_argument_name(forward_arguments: set[str]) -> str | None:
+    """transformers 5.24 renamed `past_key_values` to `cache`, in forward's arguments and in its outputs."""
+    return next((name for name in ("cache", "past_key_values") if name in forward_arguments), None)
 
 
 def _forward_arguments(model: Any) -> set[str]:

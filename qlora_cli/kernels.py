@@ -1,0 +1,78 @@
+"""Which 4-bit matmul bitsandbytes runs on the CPU: decided here, on purpose, never as a side effect of `eval()`.
+
+On a CPU with AVX512-BF16, `bitsandbytes.nn.Linear4bit.forward` in eval mode, on an input that needs no
+grad, rewrites its weight and quant state in place into a packed layout for a fused bf16 kernel. That kernel
+has no backward (training after it backpropagates through a kernel autograd does not know), computes in
+bf16 whatever the compute dtype, and leaves a quant state that `dequantize_4bit` and a merge misread.
+So every model is loaded with that switch set here: off for training and for the reference a merge is
+checked against; at inference on only where the model computes in bf16 anyway, so the fused kernel does
+the arithmetic the model would have done.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+DEQUANTIZE = "dequantize+matmul"
+PACKED = "packed-bf16"
+
+# bitsandbytes looks for a faster fused kernel in the `kernels` package, which fetches it from the hub at
+# import. Without that package it falls back to its own compiled CPU kernel: nothing a user must act on.
+_KERNELS_HUB_LOGGER = "bitsandbytes.backends.cpu.ops"
+_KERNELS_HUB_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+def packed_kernel_available() -> bool:
+    """What bitsandbytes itself checks before registering its fused CPU kernel."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    return bool(has_avx512bf16())
+
+
+def choose_cpu_kernel(model: Any, compute_dtype: torch.dtype, device: str, *, inference: bool) -> str | None:
+    """Set every 4-bit layer's CPU path; returns its name for settings and reports (None: no 4-bit layers)."""
+    packed = inference and device == "cpu" and compute_dtype == torch.bfloat16 and packed_kernel_available()
+    if not use_packed_kernel(model, packed):
+        return None
+    return PACKED if packed else DEQUANTIZE
+
+
+def use_packed_kernel(model: Any, enabled: bool) -> int:
+    """Set the instance switch bitsandbytes reads in every forward; returns how many 4-bit layers have it."""
+    import bitsandbytes as bnb
+
+    layers = [module for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = enabled
+    return len(layers)
+
+
+def packed_weights(model: Any) -> list[str]:
+    """Names of 4-bit layers whose weight bitsandbytes has rewritten into the packed CPU layout."""
+    import bitsandbytes as bnb
+
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, bnb.nn.Linear4bit)
+        and getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False)
+    ]
+
+
+class _DropMissingKernelsPackage(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith(_KERNELS_HUB_WARNING) and "No module named 'kernels'" in message)
+
+
+def quiet_missing_kernels_package() -> None:
+    """Drop bitsandbytes' import-time warning about the `kernels` package (through its logger; idempotent).
+
+    Installed before bitsandbytes is first imported: the logger object exists from then on and keeps the filter.
+    """
+    logger = logging.getLogger(_KERNELS_HUB_LOGGER)
+    if not any(isinstance(f, _DropMissingKernelsPackage) for f in logger.filters):
+        logger.addFilter(_DropMissingKernelsPackage())
