@@ -307,7 +307,10 @@ def merge_adapter(
     base: Annotated[
         Optional[str], typer.Option(help="Base model folder or hub id (default: the one recorded with the adapter).")
     ] = None,
-    dtype: Annotated[Literal["bf16", "fp16", "fp32"], typer.Option(help="dtype of the merged weights.")] = "bf16",
+    dtype: Annotated[
+        Literal["auto", "bf16", "fp16", "fp32"],
+        typer.Option(help="dtype of the merged weights; auto: the one training computed in (fp32 on the CPU)."),
+    ] = "auto",
     base_weights: Annotated[
         Optional[Literal["original", "nf4-roundtrip"]],
         typer.Option(help="Which base weights to merge into (see above); default: nf4-roundtrip after 4-bit training."),

@@ -39,14 +39,14 @@ from qlora_cli.data.tokenize import tokenize_example
 from qlora_cli.errors import QloraError
 from qlora_cli.generate import apply_format
 from qlora_cli.kernels import packed_weights
-from qlora_cli.model import LoadedModel, device_for_process, load_for_inference
+from qlora_cli.model import DTYPES, LoadedModel, device_for_process, load_for_inference, resolve_compute_dtype
 
 BaseWeights = Literal["original", "nf4-roundtrip"]
 MergeDtype = Literal["bf16", "fp16", "fp32"]
 MERGE_REPORT = "merge_report.json"
 # Largest logit difference from the reference that a merge in this dtype may show: the rounding of the merged
 # weights to the dtype, measured on the tiny test models and SmolLM2-135M (docs/merging.md), with headroom.
-DEFAULT_TOLERANCE: dict[str, float] = {"fp32": 1e-3, "bf16": 0.5, "fp16": 0.1}
+DEFAULT_TOLERANCE: dict[str, float] = {"fp32": 1e-3, "fp16": 0.1, "bf16": 0.5}
 # (instruction, answer): the check compares logits over both, so the answer tokens are scored too.
 CHECK_EXAMPLES = [
     ("Write the digits as words.", "three one four"),
@@ -60,7 +60,7 @@ class MergeRequest:
     adapter: Path
     output: Path
     base: str | None = None  # default: the base recorded with the adapter
-    dtype: MergeDtype = "bf16"
+    dtype: MergeDtype | Literal["auto"] = "auto"  # auto: the dtype training computed in, on this device
     base_weights: BaseWeights | None = None  # default: nf4-roundtrip when training quantized the base to 4 bits
     device: str | None = None
     overwrite: bool = False
@@ -106,8 +106,9 @@ def merge_adapter(request: MergeRequest) -> MergeReport:
     adapter, base_weights, device = _validate(request)
     quant = adapter.quantization
     model_cfg = adapter.base_model(request.base)
-    sixteen_bit = QuantizationConfig(bits=16, compute_dtype=request.dtype)
-    tolerance = DEFAULT_TOLERANCE[request.dtype] if request.tolerance is None else request.tolerance
+    dtype = _merge_dtype(request.dtype, quant, device)
+    sixteen_bit = QuantizationConfig(bits=16, compute_dtype=dtype)
+    tolerance = DEFAULT_TOLERANCE[dtype] if request.tolerance is None else request.tolerance
     with MemoryMeter(device) as meter:
         if base_weights == "nf4-roundtrip":
             trained = load_for_inference(model_cfg, quant, adapter.path, device=device, as_trained=True)
@@ -121,7 +122,7 @@ def merge_adapter(request: MergeRequest) -> MergeReport:
         else:
             loaded = load_for_inference(model_cfg, sixteen_bit, adapter.path, device=device, as_trained=True)
             reference, base_only = _logits_with_and_without_adapter(loaded, adapter)
-            reference_name = f"{request.dtype} base + adapter, unmerged"
+            reference_name = f"{dtype} base + adapter, unmerged"
         # In place (no safe_merge, which clones every weight and so keeps a second copy alive);
         # non-finite adapter weights show up in the check's logits instead.
         loaded.model = loaded.model.merge_and_unload()
@@ -132,7 +133,7 @@ def merge_adapter(request: MergeRequest) -> MergeReport:
         if not difference <= tolerance:
             raise QloraError(
                 f"the merged model is {difference:.2e} logits away from {reference_name}, over the tolerance "
-                f"{tolerance:.0e} for {request.dtype} (the adapter moves logits by {effect:.2e}); nothing written. "
+                f"{tolerance:.0e} for {dtype} (the adapter moves logits by {effect:.2e}); nothing written. "
                 "Merge with --dtype fp32, or accept it with --tolerance"
             )
 
@@ -143,7 +144,7 @@ def merge_adapter(request: MergeRequest) -> MergeReport:
                 base_model=model_cfg.name_or_path,
                 output=str(request.output),
                 base_weights=base_weights,
-                dtype=request.dtype,
+                dtype=dtype,
                 device=device,
                 reference=reference_name,
                 check_prompts=len(CHECK_EXAMPLES),
@@ -159,6 +160,14 @@ def merge_adapter(request: MergeRequest) -> MergeReport:
             )
             (staging / MERGE_REPORT).write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report
+
+
+def _merge_dtype(requested: str, quant: QuantizationConfig, device: str) -> MergeDtype:
+    """`auto`: what training computed in (fp32 on the CPU, bf16 on most GPUs), so the merge can reproduce it."""
+    if requested != "auto":
+        return requested  # type: ignore[return-value]
+    names = {dtype: name for name, dtype in DTYPES.items()}
+    return names[resolve_compute_dtype(quant.compute_dtype, device)]  # type: ignore[return-value]
 
 
 def _validate(request: MergeRequest) -> tuple[TrainedAdapter, BaseWeights, str]:
