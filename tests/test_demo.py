@@ -12,6 +12,9 @@ def test_the_demo_recipe_lifts_exact_match_on_held_out_prompts(tmp_path):
     out = tmp_path / "demo"
     result = run_cli("train", "--config", str(REPO / "configs/demo.yaml"), f"output_dir={out}", timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
+    # on AVX512-BF16 CPUs: training through bitsandbytes' fused inference kernel, and its `kernels` lookup
+    assert "autograd kernel was not registered" not in result.stderr
+    assert "kernels-community" not in result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["exact_match_samples"] == 64
     assert metrics["exact_match_before"] <= 0.05

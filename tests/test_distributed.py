@@ -28,9 +28,10 @@ TINY_RUN = [
     "data.max_train_samples=64", "data.eval_size=8", "eval.exact_match_samples=0",
     "lora.dropout=0", "training.group_by_length=false",
 ]  # fmt: skip
-# Stated tolerance: gloo sums the two halves' gradients in another order than one process does; in fp32
-# that moves the adapter by float rounding only.
-ADAPTER_ATOL = 1e-5
+# Stated tolerance: gloo sums the two halves' gradients in another order than one process does, and a
+# 2-row batch runs through other matmul blocking than a 4-row one (on AVX-512 CPUs that gave 1.7e-5); in fp32
+# that moves the adapter by float rounding only. 5e-5 is 1% of what two Adam steps at lr 2e-3 can move a weight.
+ADAPTER_ATOL = 5e-5
 
 
 @pytest.fixture(scope="module")

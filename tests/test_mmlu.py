@@ -26,7 +26,7 @@ from qlora_cli.eval.mmlu import (
     score_prompts,
     summarize,
 )
-from tests.conftest import run_cli, run_script
+from tests.conftest import bnb_defaults_of_an_avx512_bf16_cpu, run_cli, run_script
 from tests.data_fixtures import hendrycks  # noqa: F401 (fixture)
 
 HEADER = "The following are multiple choice questions (with answers) about  high school physics.\n\n"
@@ -131,9 +131,11 @@ def test_paper_json_lines_are_read_as_built(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_llama():
+    """Built with bitsandbytes' AVX512-BF16 defaults, so the scores below are those a user of such a CPU gets."""
     from qlora_cli.model import load_for_inference
 
-    return load_for_inference(ModelConfig(name_or_path="builtin:tiny-llama"), QuantizationConfig.named("nf4"))
+    with bnb_defaults_of_an_avx512_bf16_cpu():
+        return load_for_inference(ModelConfig(name_or_path="builtin:tiny-llama"), QuantizationConfig.named("nf4"))
 
 
 def _prompts(n_per_group: int = 5, shots: int = 3) -> tuple[list[str], list[tuple]]:
@@ -292,6 +294,7 @@ def test_callback_logs_mmlu_during_training_and_the_command_reproduces_it(cli, h
     results = json.loads(out.read_text())
     assert results["mean_subject_accuracy"] == pytest.approx(logged["mmlu_accuracy"])
     assert results["settings"]["adapter"] == str(run) and results["settings"]["shots"] == 5
+    assert results["settings"]["cpu_kernel"] == "dequantize+matmul"  # fp32 compute: never the fused bf16 kernel
     assert set(results["subjects"]) == {"high_school_physics", "philosophy"}
     assert results["categories"]["STEM"]["total"] == 3 and results["total"] == 6
     rows = [json.loads(line) for line in preds.read_text().splitlines()]

@@ -477,6 +477,7 @@ def run_mmlu(
         "max_length": cfg.max_length,
         "batch_size": cfg.batch_size,
         "letter_tokens": letter_token_ids(loaded.tokenizer),
+        "cpu_kernel": loaded.cpu_kernel,
     }
     write_outputs(result, settings, output, predictions)
     return result
