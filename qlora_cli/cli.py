@@ -326,7 +326,7 @@ def merge_adapter(
             min=0.0,
             help="Largest logit difference from the trained model to accept; over it the merge fails and writes "
             "nothing.",
-            show_default="0.001 for fp32, 0.1 for fp16, 0.5 for bf16",
+            show_default="0.001 for fp32, 2 for fp16, 8 for bf16",
         ),
     ] = None,
 ) -> None:
