@@ -432,9 +432,6 @@ def _resume_command(argv: list[str]) -> str:
 
 
 def main() -> None:
-    from qlora_cli.kernels import quiet_missing_kernels_package
-
-    quiet_missing_kernels_package()
     debug = "--debug" in sys.argv[1:]
     try:
         app()

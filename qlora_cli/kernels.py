@@ -50,18 +50,6 @@ def use_packed_kernel(model: Any, enabled: bool) -> int:
     return len(layers)
 
 
-def packed_weights(model: Any) -> list[str]:
-    """Names of 4-bit layers whose weight bitsandbytes has rewritten into the packed CPU layout."""
-    import bitsandbytes as bnb
-
-    return [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, bnb.nn.Linear4bit)
-        and getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False)
-    ]
-
-
 class _DropMissingKernelsPackage(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()

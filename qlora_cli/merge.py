@@ -38,7 +38,6 @@ from qlora_cli.config import DataConfig, QuantizationConfig
 from qlora_cli.data.tokenize import tokenize_example
 from qlora_cli.errors import QloraError
 from qlora_cli.generate import apply_format
-from qlora_cli.kernels import packed_weights
 from qlora_cli.model import DTYPES, LoadedModel, device_for_process, load_for_inference, resolve_compute_dtype
 
 BaseWeights = Literal["original", "nf4-roundtrip"]
@@ -94,7 +93,7 @@ class MergeReport:
             f"Merged {self.adapter} into {self.base_model} ({self.base_weights} base weights, {self.dtype}) "
             f"-> {self.output}\n"
             f"Check on {self.check_prompts} prompts: largest logit difference from {self.reference}: "
-            f"{self.max_abs_logit_diff:.2e}, within the tolerance {self.tolerance:.0e} (the adapter itself moves logits "
+            f"{self.max_abs_logit_diff:.2e}, within the tolerance {self.tolerance:g} (the adapter itself moves logits "
             f"by up to {self.adapter_effect:.2e})\n"
             f"Peak memory {self.peak_memory_bytes / gib:.2f} GiB ({self.peak_memory_kind.replace('_', ' ')}; "
             f"{self.memory_at_start_bytes / gib:.2f} GiB before loading) for a {self.model_bytes / gib:.2f} GiB "
@@ -132,10 +131,12 @@ def merge_adapter(request: MergeRequest) -> MergeReport:
             raise QloraError(f"merging {adapter.path} gave non-finite logits: the adapter holds NaN or inf weights")
         difference, effect = _max_abs_diff(merged_logits, reference), _max_abs_diff(reference, base_only)
         if not difference <= tolerance:
+            fix = "accept it with --tolerance"
+            if dtype != "fp32":
+                fix = f"merge with --dtype fp32, or {fix}"
             raise QloraError(
                 f"the merged model is {difference:.2e} logits away from {reference_name}, over the tolerance "
-                f"{tolerance:.0e} for {dtype} (the adapter moves logits by {effect:.2e}); nothing written. "
-                "Merge with --dtype fp32, or accept it with --tolerance"
+                f"{tolerance:g} for {dtype} (the adapter moves logits by {effect:.2e}); nothing written: {fix}"
             )
 
         with _staged(request.output) as staging:
@@ -241,8 +242,6 @@ def _quantized_weights(model: Any) -> dict[str, _QuantSpec]:
     """Every 4-bit layer of the trained model and how its weight was quantized, read from its quant state."""
     import bitsandbytes as bnb
 
-    if packed := packed_weights(model):  # load_for_inference(as_trained=True) never lets this happen
-        raise QloraError(f"cannot read how {packed[0]} was quantized: bitsandbytes repacked it for CPU inference")
     return {
         name: _QuantSpec(state.blocksize, state.quant_type, state.nested, state.dtype)
         for name, module in model.named_modules()

@@ -118,7 +118,7 @@ def load_model(
     `fast_inference_kernel` lets a model that is not trained use bitsandbytes' fused CPU kernel where it
     computes what the model would (qlora_cli.kernels); training and merge checks never do.
     """
-    quiet_missing_kernels_package()
+    quiet_missing_kernels_package()  # before bitsandbytes is first imported (by from_pretrained)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     device = device or device_for_process()

@@ -17,7 +17,6 @@ from qlora_cli.kernels import (
     PACKED,
     choose_cpu_kernel,
     packed_kernel_available,
-    packed_weights,
     quiet_missing_kernels_package,
 )
 from qlora_cli.model import load_for_inference, load_model
@@ -30,6 +29,12 @@ def _linear_4bit_layers(model):
     import bitsandbytes as bnb
 
     return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def packed_weights(model) -> list:
+    """4-bit layers whose weight bitsandbytes has rewritten in place into its packed CPU layout."""
+    layers = _linear_4bit_layers(model)
+    return [layer for layer in layers if getattr(layer.weight.quant_state, "packing_format_for_cpu", False)]
 
 
 def _no_grad_eval_forward(model) -> None:
