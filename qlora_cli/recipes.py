@@ -7,10 +7,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from qlora_cli.bundled_recipes import bundled_recipe_files, find_bundled_recipe
 from qlora_cli.config import Recipe, load_recipe
 from qlora_cli.errors import QloraError
-
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 @dataclass
@@ -26,14 +25,8 @@ class BundledRecipe:
         return found.group(1).upper() if found else "-"
 
 
-def recipe_files() -> list[Path]:
-    if not RECIPES_DIR.is_dir():
-        raise QloraError(f"bundled recipes not found in {RECIPES_DIR}: install qlora from a source checkout")
-    return sorted(RECIPES_DIR.glob("*.yaml"))
-
-
 def bundled_recipes() -> list[BundledRecipe]:
-    recipes = [BundledRecipe(path.stem, path, load_recipe(path)) for path in recipe_files()]
+    recipes = [BundledRecipe(path.stem, path, load_recipe(path)) for path in bundled_recipe_files()]
     return sorted(recipes, key=lambda r: (r.name.removesuffix(f"-{r.size.lower()}"), int(r.size[:-1] or 0)))
 
 
@@ -62,16 +55,17 @@ def recipe_table(recipes: list[BundledRecipe]) -> str:
 
 def copy_recipe(name: str, dest: Path, *, force: bool = False) -> Path:
     """Write the recipe with its `extends:` chain and defaults resolved, so the copy stands alone."""
-    files = {path.stem: path for path in recipe_files()}
-    stem = name.removesuffix(".yaml")
-    if stem not in files:
-        close = difflib.get_close_matches(stem, files, n=1)
+    source = find_bundled_recipe(name)
+    if source is None:
+        names = [path.stem for path in bundled_recipe_files()]
+        close = difflib.get_close_matches(name.removesuffix(".yaml"), names, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else "; `qlora recipes` lists them"
         raise QloraError(f"no bundled recipe {name!r}{hint}")
+    stem = source.stem
     target = dest / f"{stem}.yaml" if dest.is_dir() else dest
     if target.exists() and not force:
         raise QloraError(f"{target} exists: pass --force to replace it")
-    recipe = load_recipe(files[stem])
+    recipe = load_recipe(source)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(f"# qlora recipe {stem}, copied with everything it extends resolved\n{recipe.to_yaml()}")
     return target
