@@ -11,13 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qlora_cli.config import ModelConfig, QuantizationConfig, Recipe, load_recipe
+from qlora_cli.config import ModelConfig, QuantizationConfig, Recipe
 from qlora_cli.data.formats import FORMATS, DatasetFormat
 from qlora_cli.errors import QloraError
-from qlora_cli.train import RECIPE_FILE
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+from qlora_cli.run_folder import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHT_FILES, TOKENIZER_CONFIG_FILE, read_recipe
 
 
 @dataclass(frozen=True)
@@ -33,7 +30,7 @@ class TrainedAdapter:
 
     def base_model(self, override: str | None = None) -> ModelConfig:
         """The recorded base (the recipe's, else peft's), with the tokenizer training saved beside the adapter."""
-        tokenizer = str(self.path) if (self.path / "tokenizer_config.json").is_file() else None
+        tokenizer = str(self.path) if (self.path / TOKENIZER_CONFIG_FILE).is_file() else None
         if self.recipe:
             cfg = self.recipe.model
             updates: dict[str, Any] = {"tokenizer": tokenizer or cfg.tokenizer}
@@ -42,7 +39,7 @@ class TrainedAdapter:
             return cfg.model_copy(update=updates)
         name = override or self.config.get("base_model_name_or_path")
         if not name:
-            raise QloraError(f"{self.path / ADAPTER_CONFIG} records no base model: pass the base model explicitly")
+            raise QloraError(f"{self.path / ADAPTER_CONFIG_FILE} records no base model: pass the base model explicitly")
         return ModelConfig(name_or_path=name, tokenizer=tokenizer, revision=self.config.get("revision"))
 
 
@@ -52,26 +49,18 @@ def read_adapter(path: str | Path) -> TrainedAdapter:
         raise QloraError(f"adapter folder not found: {path}")
     if not path.is_dir():
         raise QloraError(f"adapter {path} is not a folder")
-    config_file = path / ADAPTER_CONFIG
+    config_file = path / ADAPTER_CONFIG_FILE
     if not config_file.is_file():
-        raise QloraError(f"{path} is not a PEFT adapter folder (no {ADAPTER_CONFIG})")
+        raise QloraError(f"{path} is not a PEFT adapter folder (no {ADAPTER_CONFIG_FILE})")
     try:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
         raise QloraError(f"{config_file}:{exc.lineno}: invalid JSON: {exc.msg}") from None
     if not isinstance(config, dict) or "peft_type" not in config:
         raise QloraError(f"{config_file} is not a PEFT adapter config (no peft_type)")
-    if not any((path / name).is_file() for name in ADAPTER_WEIGHTS):
-        raise QloraError(f"{path} has no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})")
-    return TrainedAdapter(path, config, find_recipe(path))
-
-
-def find_recipe(folder: Path) -> Recipe | None:
-    """The run's recipe: beside the adapter, or one level up for a `checkpoint-N` folder."""
-    candidates = [folder / RECIPE_FILE]
-    if folder.name.startswith("checkpoint-"):
-        candidates.append(folder.parent / RECIPE_FILE)
-    return next((load_recipe(c) for c in candidates if c.is_file()), None)
+    if not any((path / name).is_file() for name in ADAPTER_WEIGHT_FILES):
+        raise QloraError(f"{path} has no adapter weights ({' or '.join(ADAPTER_WEIGHT_FILES)})")
+    return TrainedAdapter(path, config, read_recipe(path))
 
 
 def prompt_format(recipe: Recipe | None, tokenizer: Any) -> DatasetFormat | None:

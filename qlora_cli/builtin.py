@@ -43,7 +43,7 @@ def resolve_builtin_model(name: str) -> str:
         from qlora_cli.errors import QloraError
 
         raise QloraError(f"unknown builtin model {name!r}; builtin models: {', '.join(BUILTIN + k for k in builders)}")
-    return str(_materialize(key, builders[key]))
+    return str(materialize(key, builders[key]))
 
 
 def resolve_builtin_data(name: str) -> Path:
@@ -54,10 +54,11 @@ def resolve_builtin_data(name: str) -> Path:
         from qlora_cli.errors import QloraError
 
         raise QloraError(f"unknown builtin dataset {name!r}; builtin datasets: builtin:demo-instructions")
-    return _materialize(key, _write_demo_dataset) / "train.json"
+    return materialize(key, _write_demo_dataset) / "train.json"
 
 
-def _materialize(key: str, build) -> Path:
+def materialize(key: str, build) -> Path:
+    """Build once into `cache_dir()/key`, atomically: a crash or a concurrent builder never leaves half a folder."""
     target = cache_dir() / key
     if (target / ".complete").exists():
         return target

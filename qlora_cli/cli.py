@@ -73,8 +73,10 @@ def train(
     SIGINT/SIGTERM stop after the current step with a full checkpoint; --resume picks it up exactly.
     """
     from qlora_cli.config import load_recipe
+    from qlora_cli.preflight import preflight
 
     recipe = load_recipe(config, overrides or [])
+    preflight(recipe)
     if num_processes > 1:
         from qlora_cli.distributed import launch
 
@@ -84,7 +86,7 @@ def train(
             *(["--resume-from", str(resume_from)] if resume_from else []),
             *(["--force"] if force else []),
         ]
-        launch(recipe, config, overrides or [], num_processes=num_processes, train_flags=flags)
+        launch(config, overrides or [], num_processes=num_processes, train_flags=flags)
         return
     from qlora_cli.distributed import is_main_process
     from qlora_cli.train import train as run_training
@@ -147,12 +149,12 @@ def config_show(config: ConfigOption, overrides: Overrides = None) -> None:
 @config_app.command("validate")
 def config_validate(files: Annotated[list[Path], typer.Argument(help="Recipe files to check.")]) -> None:
     """Check recipes without loading any model; exit 2 if any is invalid."""
-    from qlora_cli.config import check_trainer_choices, load_recipe
+    from qlora_cli.config import load_recipe
 
     failures = 0
     for file in files:
         try:
-            check_trainer_choices(load_recipe(file).training)
+            load_recipe(file)
             typer.echo(f"ok      {file}")
         except QloraError as exc:
             failures += 1
@@ -389,8 +391,7 @@ def chat(
 
 
 def _print_summary(result) -> None:
-    from qlora_cli.model_card import CARD_FILE
-    from qlora_cli.report import REPORT_FILE
+    from qlora_cli.run_folder import CARD_FILE, REPORT_FILE
 
     m = result.metrics
     lines = [f"Finished {m['steps']} steps in {m['runtime_s']:.0f} s ({m['tokens_per_s']:.0f} tokens/s)."]

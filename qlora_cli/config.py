@@ -1,7 +1,8 @@
 """Recipe schema, YAML loading with `extends:`, and torchtune-style dotted overrides.
 
-A recipe is validated once, here, before any model is loaded; everything downstream takes the typed
-`Recipe`, never a dict.
+A recipe document is validated once, here, without I/O and before any model is loaded: every key and
+every name (datasets, optimizers, schedulers), so `config show`, `config validate` and `train` agree.
+What depends on the machine is `qlora_cli.preflight`. Everything downstream takes the typed `Recipe`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from qlora_cli.errors import ConfigError
+from qlora_cli.errors import ConfigError, QloraError
 
 
 class _Section(BaseModel):
@@ -110,6 +111,20 @@ class TrainingConfig(_Section):
     fsdp: bool = False
     deepspeed: str | None = None
 
+    @field_validator("optim")
+    @classmethod
+    def _known_optimizer(cls, value: str) -> str:
+        from transformers.training_args import OptimizerNames
+
+        return _one_of(value, [choice.value for choice in OptimizerNames])
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        from transformers.trainer_utils import SchedulerType
+
+        return _one_of(value, [choice.value for choice in SchedulerType])
+
     @field_validator("report_to", mode="before")
     @classmethod
     def _trackers(cls, value: Any) -> Any:
@@ -166,46 +181,88 @@ class Recipe(_Section):
         return self
 
     def _check_engines(self) -> None:
-        """FSDP shards only floating-point tensors, so packed 4-bit weights must be stored in the compute dtype."""
         t, q = self.training, self.quantization
         if t.fsdp and t.deepspeed:
             raise ValueError("training.fsdp and training.deepspeed are two sharding engines: choose one")
-        if t.fsdp and q.bits == 4 and q.quant_storage != "auto":
-            if q.quant_storage == "uint8" or q.compute_dtype not in ("auto", q.quant_storage):
-                raise ValueError(
-                    f"with training.fsdp, quantization.quant_storage ({q.quant_storage}) must equal the compute dtype "
-                    f"({q.compute_dtype}): set quantization.quant_storage=auto"
-                )
-        if t.deepspeed and q.bits == 4:
-            from qlora_cli.distributed import ZERO3_WITH_4BIT, deepspeed_zero_stage
-
-            if deepspeed_zero_stage(t.deepspeed) == 3:
-                raise ValueError(ZERO3_WITH_4BIT)
+        declared = None if q.compute_dtype == "auto" else q.compute_dtype  # auto: the machine decides (preflight)
+        problem = fsdp_storage_problem(q, declared) if t.fsdp else None
+        if problem:
+            raise ValueError(problem)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def check_trainer_choices(training: TrainingConfig) -> None:
-    """Names that only transformers knows (optimizers, schedulers); checked before any model loads."""
-    from transformers.trainer_utils import SchedulerType
-    from transformers.training_args import OptimizerNames
+def fsdp_storage_problem(quant: QuantizationConfig, compute_dtype: str | None) -> str | None:
+    """FSDP shards only floating-point tensors, so packed 4-bit weights must be stored in the compute dtype.
 
-    for key, value, choices in (
-        ("training.optim", training.optim, OptimizerNames),
-        ("training.lr_scheduler", training.lr_scheduler, SchedulerType),
-    ):
-        names = [choice.value for choice in choices]
-        if value not in names:
-            raise ConfigError(f"{key}: unknown value {value!r}{_suggest(value, names)}; one of {', '.join(names)}")
+    `compute_dtype` None: not known yet (`auto` resolves on the machine); only uint8 storage is wrong for sure.
+    """
+    storage = quant.quant_storage
+    if quant.bits != 4 or storage in ("auto", compute_dtype) or (compute_dtype is None and storage != "uint8"):
+        return None
+    return (
+        f"with training.fsdp, quantization.quant_storage={storage} must equal the compute dtype"
+        f"{f' ({compute_dtype})' if compute_dtype else ''}: set quantization.quant_storage=auto"
+    )
+
+
+# Recipe fields that change what a resumed run computes are everything except these.
+NOT_TRAINING = (
+    "output_dir",
+    "eval",
+    "data.max_eval_samples",
+    "training.logging_steps",
+    "training.save_steps",
+    "training.save_total_limit",
+    "training.eval_steps",
+    "training.eval_batch_size",
+    "training.report_to",
+    "training.max_bad_steps",
+    "training.gradient_checkpointing",
+)
+
+
+def training_drift(saved: dict[str, Any], current: Recipe) -> list[str]:
+    """`key: old -> new` for each field of a saved recipe document that differs and changes training."""
+    old, new = _flatten(saved), _flatten(current.model_dump(mode="json"))
+    missing = "<unset>"
+    return [
+        f"{key}: {old.get(key, missing)!r} -> {new.get(key, missing)!r}"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key, missing) != new.get(key, missing) and not _not_training(key)
+    ]
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _not_training(key: str) -> bool:
+    return any(key == field or key.startswith(field + ".") for field in NOT_TRAINING)
 
 
 # --------------------------------------------------------------------------- loading
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read a recipe file (following `extends:`), apply `key.path=value` overrides, validate."""
-    raw = _read_with_extends(Path(path), seen=())
+    """Read a recipe file (following `extends:`), apply `key.path=value` overrides, validate.
+
+    A bare name that is not a file here (`guanaco-65b`, `guanaco-65b.yaml`) is the bundled recipe of that name.
+    """
+    path = Path(path)
+    if not path.exists() and len(path.parts) == 1:
+        bundled = _bundled(path)
+        if bundled is None:
+            raise ConfigError(f"recipe not found: {path} is no file here and no bundled recipe (see `qlora recipes`)")
+        path = bundled
+    raw = _read_with_extends(path, seen=())
     for item in overrides:
         _apply_override(raw, item)
     return validate_recipe(raw, source=str(path))
@@ -224,6 +281,15 @@ def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_describe(exc)}") from None
+
+
+def _bundled(path: Path) -> Path | None:
+    from qlora_cli.bundled_recipes import find_bundled_recipe
+
+    try:
+        return find_bundled_recipe(str(path))
+    except QloraError:
+        return None  # a broken install: report the file the user named as missing
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -322,6 +388,13 @@ def _section_type(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def _one_of(value: str, names: list[str]) -> str:
+    """Names that only transformers knows (optimizers, schedulers)."""
+    if value not in names:
+        raise ValueError(f"unknown value {value!r}{_suggest(value, names)}; one of {', '.join(names)}")
+    return value
+
+
 def _suggest(name: str, valid: Any) -> str:
     close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -341,7 +414,8 @@ def _describe(exc: ValidationError) -> str:
         else:
             message = err["msg"].removeprefix("Value error, ")
             got = err.get("input")
-            shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+            quiet = isinstance(got, dict) or got is None or repr(got) in message
+            shown = "" if quiet else f" (got {got!r})"
             lines.append(f"{key}: {message}{shown}")
     return "; ".join(lines)
 

@@ -1,4 +1,4 @@
-"""One recipe on several processes: the accelerate launch, FSDP-QLoRA settings, and the combinations that fail.
+"""One recipe on several processes: the accelerate launch and the FSDP-QLoRA settings.
 
 Data parallelism needs nothing beyond a launcher (accelerate launch, torchrun): the Trainer splits every
 global batch over the processes and rank 0 alone writes. FSDP additionally needs the packed 4-bit weights
@@ -7,15 +7,14 @@ stored in the compute dtype (`model.bnb_config(fsdp=True)`), because it shards o
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from qlora_cli.config import Recipe, TrainingConfig
+from qlora_cli.config import TrainingConfig
 from qlora_cli.errors import QloraError
 
 # What `training.fsdp: true` hands the Trainer; configs/accelerate/fsdp_qlora.yaml says the same (a test checks).
@@ -29,40 +28,8 @@ FSDP_QLORA = {
     "state_dict_type": "FULL_STATE_DICT",
 }
 
-ZERO3_WITH_4BIT = (
-    "DeepSpeed ZeRO-3 cannot shard 4-bit bitsandbytes weights: use ZeRO-2 (configs/deepspeed/zero2.json) "
-    "or FSDP (training.fsdp=true)"
-)
-
-
 def fsdp_config(training: TrainingConfig) -> dict[str, Any]:
     return {**FSDP_QLORA, "activation_checkpointing": training.gradient_checkpointing}
-
-
-def deepspeed_zero_stage(path: str) -> int:
-    try:
-        config = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise QloraError(f"training.deepspeed: config file not found: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise QloraError(f"training.deepspeed: {path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
-    return int(config.get("zero_optimization", {}).get("stage", 0)) if isinstance(config, dict) else 0
-
-
-def check_launch(recipe: Recipe, environ: Mapping[str, str] = os.environ) -> None:
-    """Combinations that only show once we know how the processes were launched."""
-    if environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not recipe.training.fsdp:
-        raise QloraError(
-            "launched with an FSDP accelerate config, but the recipe has training.fsdp=false: add training.fsdp=true "
-            "so the 4-bit weights are stored in a dtype FSDP can shard"
-        )
-    if environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3" and recipe.quantization.bits == 4:
-        raise QloraError(ZERO3_WITH_4BIT)
-    if recipe.training.deepspeed:
-        import importlib.util
-
-        if importlib.util.find_spec("deepspeed") is None:
-            raise QloraError("training.deepspeed needs DeepSpeed: pip install 'qlora-cli[deepspeed]'")
 
 
 def join_processes() -> Any:
@@ -119,9 +86,7 @@ def launch_command(
     ]  # fmt: skip
 
 
-def launch(
-    recipe: Recipe, config: Path, overrides: list[str], *, num_processes: int, train_flags: Sequence[str] = ()
-) -> None:
+def launch(config: Path, overrides: list[str], *, num_processes: int, train_flags: Sequence[str] = ()) -> None:
     import torch
 
     if "WORLD_SIZE" in os.environ:
@@ -129,7 +94,6 @@ def launch(
     gpus = torch.cuda.device_count()
     if gpus and num_processes > gpus:
         raise QloraError(f"--num-processes {num_processes} but only {gpus} GPUs are visible")
-    check_launch(recipe)
     command = launch_command(config, overrides, num_processes=num_processes, train_flags=train_flags)
     code = subprocess.run(command).returncode
     if code != 0:

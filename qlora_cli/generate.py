@@ -13,23 +13,21 @@ from typing import Any, Sequence
 
 import torch
 
-from qlora_cli.adapter import find_recipe, prompt_format, read_adapter
+from qlora_cli.adapter import prompt_format, read_adapter
 from qlora_cli.config import ModelConfig, QuantizationConfig, load_recipe
 from qlora_cli.data.formats import DatasetFormat
-from qlora_cli.data.tokenize import PaddingCollator, source_ids
 from qlora_cli.errors import QloraError
 from qlora_cli.model import LoadedModel, load_for_inference
+from qlora_cli.run_folder import read_recipe
 
 PROMPT_FIELDS = ("prompt", "instruction", "text")
 
 
 @torch.no_grad()
 def generate_texts(
-    model: Any,
-    tokenizer: Any,
+    loaded: LoadedModel,
     prompts: list[str],
     *,
-    seq2seq: bool,
     max_new_tokens: int = 64,
     batch_size: int = 8,
     temperature: float = 0.0,
@@ -37,20 +35,19 @@ def generate_texts(
     stop: Sequence[str] = (),
     streamer: Any = None,
 ) -> list[str]:
-    """Return only the generated continuation of each prompt, cut before a `stop` string; temperature 0 is greedy."""
+    """Return only the generated continuation of each prompt, cut before a `stop` string; temperature 0 is greedy.
+
+    The one generation loop: `qlora generate`, `qlora chat` and exact match during training all use it.
+    """
+    model, tokenizer = loaded.model, loaded.tokenizer
     was_training = model.training
     model.eval()
-    collate = PaddingCollator(tokenizer.pad_token_id, padding_side="right" if seq2seq else "left")
-    device = next(model.parameters()).device
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    greedy = temperature <= 0
+    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p}
     stopping = {"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}
     outputs: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        encoded = [
-            {"input_ids": source_ids(tokenizer, tokenizer(p, add_special_tokens=False)["input_ids"], seq2seq=seq2seq)}
-            for p in prompts[start : start + batch_size]
-        ]
-        batch = {k: v.to(device) for k, v in collate(encoded).items()}
+        batch = loaded.batch(loaded.prompt_ids(prompts[start : start + batch_size]))
         generated = model.generate(
             **batch,
             max_new_tokens=max_new_tokens,
@@ -60,7 +57,7 @@ def generate_texts(
             **sampling,
             **stopping,
         )
-        new_tokens = generated if seq2seq else generated[:, batch["input_ids"].shape[1] :]
+        new_tokens = loaded.kind.generated_tokens(generated, batch["input_ids"].shape[1])
         outputs += [cut_at_stop(text, stop) for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     if was_training:
         model.train()
@@ -106,10 +103,8 @@ class Generator:
     def generate(self, prompts: list[str], sampling: Sampling, streamer: Any = None) -> list[str]:
         """Complete already formatted prompts; returns the replies without surrounding whitespace."""
         texts = generate_texts(
-            self.loaded.model,
-            self.loaded.tokenizer,
+            self.loaded,
             prompts,
-            seq2seq=self.loaded.seq2seq,
             max_new_tokens=sampling.max_new_tokens,
             batch_size=sampling.batch_size,
             temperature=sampling.temperature,
@@ -141,7 +136,7 @@ def load_generator(
         loaded = load_for_inference(trained.base_model(model), trained.quantization, trained.path, device=device)
     elif model:
         if recipe is None and Path(model).is_dir():
-            recipe = find_recipe(Path(model))
+            recipe = read_recipe(Path(model))
         trust = bool(recipe and recipe.model.trust_remote_code)
         loaded = load_for_inference(
             ModelConfig(name_or_path=model, trust_remote_code=trust), QuantizationConfig(bits=16), device=device

@@ -15,6 +15,7 @@ import torch
 from transformers import TrainerCallback
 
 from qlora_cli.errors import QloraError, TrainingInterrupted
+from qlora_cli.run_folder import checkpoint_name
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -58,14 +59,14 @@ class GracefulStop(TrainerCallback):
         name = signal.Signals(self.signum).name
         return TrainingInterrupted(
             f"{name}: stopped after step {state.global_step} of {state.max_steps}; "
-            f"checkpoint saved to {run_dir / f'checkpoint-{state.global_step}'}",
+            f"checkpoint saved to {run_dir / checkpoint_name(state.global_step)}",
             self.signum,
         )
 
 
 class NonFiniteLossGuard(TrainerCallback):
     """A NaN/inf loss skips its optimizer step, so the weights stay those of the last good step; after
-    `max_bad_steps` such steps the next one stops the run, without saving a checkpoint of it."""
+    `max_bad_steps` such steps the next one stops the run (and QloraTrainer saves no checkpoint of it)."""
 
     def __init__(self, max_bad_steps: int) -> None:
         self.max_bad_steps = max_bad_steps
@@ -107,11 +108,6 @@ class NonFiniteLossGuard(TrainerCallback):
                 f"({len(self.bad_steps)} of training.max_bad_steps={self.max_bad_steps} tolerated)",
                 file=sys.stderr,
             )
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.stopped_at is not None:
-            control.should_save = False
-            control.should_training_stop = True
 
     def failure(self, last_checkpoint: Path | None) -> QloraError:
         kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was saved yet"

@@ -19,10 +19,8 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
-import resource
 import shutil
 import sys
-import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -30,19 +28,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-import psutil
 import torch
 
-from qlora_cli.adapter import RECIPE_FILE, TrainedAdapter, prompt_format, read_adapter
+from qlora_cli.adapter import TrainedAdapter, prompt_format, read_adapter
 from qlora_cli.config import DataConfig, QuantizationConfig
 from qlora_cli.data.tokenize import tokenize_example
 from qlora_cli.errors import QloraError
 from qlora_cli.generate import apply_format
-from qlora_cli.model import DTYPES, LoadedModel, device_for_process, load_for_inference, resolve_compute_dtype
+from qlora_cli.memory import MemoryMeter
+from qlora_cli.model import LoadedModel, device_for_process, dtype_name, load_for_inference, resolve_compute_dtype
+from qlora_cli.run_folder import MERGE_REPORT_FILE, RECIPE_FILE
 
 BaseWeights = Literal["original", "nf4-roundtrip"]
 MergeDtype = Literal["bf16", "fp16", "fp32"]
-MERGE_REPORT = "merge_report.json"
 # Largest logit difference from the reference that a merge in this dtype may show. Measured on SmolLM2-135M
 # (2 QLoRA steps trained in fp32, adapter effect 11.6): fp32 8.5e-5, fp16 0.79, bf16 4.2, all of it the
 # rounding of weights and activations to the merge dtype; the defaults leave about 2x headroom over that.
@@ -97,7 +95,7 @@ class MergeReport:
             f"by up to {self.adapter_effect:.2e})\n"
             f"Peak memory {self.peak_memory_bytes / gib:.2f} GiB ({self.peak_memory_kind.replace('_', ' ')}; "
             f"{self.memory_at_start_bytes / gib:.2f} GiB before loading) for a {self.model_bytes / gib:.2f} GiB "
-            f"model, {self.seconds:.0f} s. Report: {Path(self.output) / MERGE_REPORT}"
+            f"model, {self.seconds:.0f} s. Report: {Path(self.output) / MERGE_REPORT_FILE}"
         )
 
 
@@ -109,7 +107,8 @@ def merge_adapter(request: MergeRequest) -> MergeReport:
     dtype = _merge_dtype(request.dtype, quant, device)
     sixteen_bit = QuantizationConfig(bits=16, compute_dtype=dtype)
     tolerance = DEFAULT_TOLERANCE[dtype] if request.tolerance is None else request.tolerance
-    with MemoryMeter(device) as meter:
+    meter = MemoryMeter(device)
+    with meter.held_peak() as held:
         if base_weights == "nf4-roundtrip":
             trained = load_for_inference(model_cfg, quant, adapter.path, device=device, as_trained=True)
             reference, base_only = _logits_with_and_without_adapter(trained, adapter)
@@ -153,14 +152,14 @@ def merge_adapter(request: MergeRequest) -> MergeReport:
                 max_abs_logit_diff=difference,
                 tolerance=tolerance,
                 adapter_effect=effect,
-                peak_memory_bytes=meter.peak,
-                peak_memory_kind=meter.kind,
-                memory_at_start_bytes=meter.start,
-                process_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                peak_memory_bytes=held.peak,
+                peak_memory_kind=held.kind,
+                memory_at_start_bytes=held.start,
+                process_peak_rss_bytes=MemoryMeter("cpu").peak(),
                 model_bytes=_model_bytes(loaded.model),
                 seconds=round(time.perf_counter() - started, 2),
             )
-            (staging / MERGE_REPORT).write_text(json.dumps(asdict(report), indent=2) + "\n")
+            (staging / MERGE_REPORT_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report
 
 
@@ -168,8 +167,7 @@ def _merge_dtype(requested: str, quant: QuantizationConfig, device: str) -> Merg
     """`auto`: what training computed in (fp32 on the CPU, bf16 on most GPUs), so the merge can reproduce it."""
     if requested != "auto":
         return requested  # type: ignore[return-value]
-    names = {dtype: name for name, dtype in DTYPES.items()}
-    return names[resolve_compute_dtype(quant.compute_dtype, device)]  # type: ignore[return-value]
+    return dtype_name(resolve_compute_dtype(quant.compute_dtype, device))  # type: ignore[return-value]
 
 
 def _validate(request: MergeRequest) -> tuple[TrainedAdapter, BaseWeights, str]:
@@ -197,8 +195,8 @@ def _check_output(output: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise QloraError(f"output folder {output} exists: pass --overwrite to replace it, or choose another --output")
-    if not (output / MERGE_REPORT).is_file():
-        raise QloraError(f"{output} exists and is not a merged model (no {MERGE_REPORT}): choose another --output")
+    if not (output / MERGE_REPORT_FILE).is_file():
+        raise QloraError(f"{output} exists and is not a merged model (no {MERGE_REPORT_FILE}): choose another --output")
 
 
 @contextmanager
@@ -272,15 +270,12 @@ def _round_trip_in_place(model: Any, quantized: dict[str, _QuantSpec]) -> None:
 def _check_logits(loaded: LoadedModel, adapter: TrainedAdapter) -> list[torch.Tensor]:
     """Logits over prompt + answer for each check example, one at a time (no padding), in fp32 on the CPU."""
     data_cfg = adapter.recipe.data if adapter.recipe else DataConfig()
-    device = next(loaded.model.parameters()).device
     logits = []
     with torch.no_grad():
         for instruction, answer in CHECK_EXAMPLES:
             source = apply_format(prompt_format(adapter.recipe, loaded.tokenizer), instruction)
-            example = tokenize_example(loaded.tokenizer, source, answer, data_cfg, seq2seq=loaded.seq2seq)
-            inputs = {"input_ids": torch.tensor([example["input_ids"]], device=device)}
-            if loaded.seq2seq:  # the decoder reads the answer, shifted right, as in training
-                inputs["labels"] = torch.tensor([example["labels"]], device=device)
+            example = tokenize_example(loaded.tokenizer, source, answer, data_cfg, kind=loaded.kind)
+            inputs = loaded.kind.forward_inputs(example, loaded.device)
             logits.append(loaded.model(**inputs).logits.float().cpu())
     return logits
 
@@ -296,59 +291,6 @@ def _logits_with_and_without_adapter(
 
 def _max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b))
-
-
-class MemoryMeter:
-    """Peak memory while merging: CUDA's peak allocation on a GPU; on the CPU the peak anonymous RSS, sampled.
-
-    The plain RSS also counts the file pages of the memory-mapped checkpoint, page cache that the kernel
-    can drop at any time; anonymous memory is what the merge really holds.
-    """
-
-    def __init__(self, device: str) -> None:
-        self.device = device
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats(device)
-            self.kind, self.start = "cuda_max_allocated", int(torch.cuda.memory_allocated(device))
-            return
-        self.kind = "peak_anonymous_rss" if _anonymous_rss() is not None else "peak_rss"
-        self.start = self._sampled_peak = self._now()
-        self._done = threading.Event()
-        self._sampler = threading.Thread(target=self._sample, daemon=True)
-        self._sampler.start()
-
-    @property
-    def peak(self) -> int:
-        if self.device.startswith("cuda"):
-            return int(torch.cuda.max_memory_allocated(self.device))
-        self._sampled_peak = max(self._sampled_peak, self._now())
-        return self._sampled_peak
-
-    def __enter__(self) -> MemoryMeter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if not self.device.startswith("cuda"):
-            self._done.set()
-            self._sampler.join()
-
-    def _sample(self) -> None:
-        while not self._done.wait(0.01):
-            self._sampled_peak = max(self._sampled_peak, self._now())
-
-    def _now(self) -> int:
-        anonymous = _anonymous_rss()
-        return anonymous if anonymous is not None else int(psutil.Process().memory_info().rss)
-
-
-def _anonymous_rss() -> int | None:
-    """RssAnon from /proc (Linux); None elsewhere."""
-    try:
-        with open("/proc/self/status") as status:
-            line = next((line for line in status if line.startswith("RssAnon:")), None)
-    except OSError:
-        return None
-    return int(line.split()[1]) * 1024 if line else None
 
 
 def _model_bytes(model: Any) -> int:

@@ -8,12 +8,19 @@ from typing import Any
 
 import torch
 
+from qlora_cli.builtin import resolve_builtin_model
 from qlora_cli.config import LoraConfig, ModelConfig, QuantizationConfig, Recipe
-from qlora_cli.demo import resolve_builtin_model
+from qlora_cli.data.tokenize import PaddingCollator
 from qlora_cli.errors import QloraError, refusing_pickled_code
 from qlora_cli.kernels import choose_cpu_kernel, quiet_missing_kernels_package
+from qlora_cli.model_kind import ModelKind, kind_of
+from qlora_cli.run_folder import ADAPTER_CONFIG_FILE, has_adapter
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, value in DTYPES.items() if value == dtype)
 
 
 def device_for_process() -> str:
@@ -39,15 +46,11 @@ def resolve_compute_dtype(name: str, device: str | None = None) -> torch.dtype:
     return DTYPES[name]
 
 
-def is_seq2seq(model_config: Any) -> bool:
-    return bool(getattr(model_config, "is_encoder_decoder", False))
-
-
 def bnb_config(quant: QuantizationConfig, compute_dtype: torch.dtype, *, fsdp: bool = False) -> Any | None:
     """The paper's BitsAndBytesConfig: NF4, double quantization, compute in `compute_dtype`.
 
     FSDP shards the packed 4-bit weights with everything else, so their storage dtype must equal the
-    compute dtype; `quant_storage: auto` takes care of that.
+    compute dtype; `quant_storage: auto` takes care of that (and preflight refuses any other).
     """
     from transformers import BitsAndBytesConfig
 
@@ -59,11 +62,6 @@ def bnb_config(quant: QuantizationConfig, compute_dtype: torch.dtype, *, fsdp: b
         storage = compute_dtype if fsdp else torch.uint8
     else:
         storage = {"uint8": torch.uint8, **DTYPES}[quant.quant_storage]
-    if fsdp and storage != compute_dtype:
-        raise QloraError(
-            f"with training.fsdp, quantization.quant_storage={quant.quant_storage} must equal the compute dtype "
-            f"({str(compute_dtype).removeprefix('torch.')} here): set quantization.quant_storage=auto"
-        )
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.quant_type,
@@ -77,10 +75,24 @@ def bnb_config(quant: QuantizationConfig, compute_dtype: torch.dtype, *, fsdp: b
 class LoadedModel:
     model: Any
     tokenizer: Any
-    seq2seq: bool
+    kind: ModelKind
     compute_dtype: torch.dtype
     source: str  # the resolved folder or hub id
     cpu_kernel: str | None  # how 4-bit layers multiply on the CPU (qlora_cli.kernels); None: no 4-bit layers
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def prompt_ids(self, prompts: list[str]) -> list[list[int]]:
+        """Prompts encoded exactly as training encoded sources (BOS first, or EOS last for seq2seq)."""
+        rows = self.tokenizer(prompts, add_special_tokens=False, verbose=False)["input_ids"]
+        return [self.kind.source_ids(self.tokenizer, row) for row in rows]
+
+    def batch(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Token rows padded on the side the model generates from, on the model's device."""
+        collate = PaddingCollator(self.tokenizer.pad_token_id, padding_side=self.kind.padding_side)
+        return {key: value.to(self.device) for key, value in collate([{"input_ids": r} for r in rows]).items()}
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
@@ -94,13 +106,13 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     return tokenizer
 
 
-def is_seq2seq_model(cfg: ModelConfig) -> bool:
+def model_kind(cfg: ModelConfig) -> ModelKind:
     """From the model's config alone, without loading any weights."""
     from transformers import AutoConfig
 
     source = resolve_builtin_model(cfg.name_or_path)
     common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
-    return is_seq2seq(_from_pretrained(AutoConfig.from_pretrained, source, "model", **common))
+    return kind_of(_from_pretrained(AutoConfig.from_pretrained, source, "model", **common))
 
 
 def load_model(
@@ -119,15 +131,16 @@ def load_model(
     computes what the model would (qlora_cli.kernels); training and merge checks never do.
     """
     quiet_missing_kernels_package()  # before bitsandbytes is first imported (by from_pretrained)
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    import transformers
+    from transformers import AutoConfig
 
     device = device or device_for_process()
     source = resolve_builtin_model(cfg.name_or_path)
     compute_dtype = resolve_compute_dtype(quant.compute_dtype, device)
     common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     model_config = _from_pretrained(AutoConfig.from_pretrained, source, "model", **common)
-    seq2seq = is_seq2seq(model_config)
-    auto_class = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    kind = kind_of(model_config)
+    auto_class = getattr(transformers, kind.auto_class)
     kwargs: dict[str, Any] = {
         **common,
         "dtype": compute_dtype,
@@ -150,7 +163,7 @@ def load_model(
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         if gradient_checkpointing:  # also makes the embeddings' output require grad, for the LoRA layers after it
             model.activation_checkpointing_enable({"use_reentrant": False})
-    return LoadedModel(model, tokenizer, seq2seq, compute_dtype, source, cpu_kernel)
+    return LoadedModel(model, tokenizer, kind, compute_dtype, source, cpu_kernel)
 
 
 def load_for_inference(
@@ -169,8 +182,8 @@ def load_for_inference(
     if adapter is not None:
         from peft import PeftModel
 
-        if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
-            raise QloraError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
+        if not has_adapter(adapter):
+            raise QloraError(f"{adapter} is not a PEFT adapter folder (no {ADAPTER_CONFIG_FILE})")
         with refusing_pickled_code(adapter):
             try:
                 loaded.model = PeftModel.from_pretrained(loaded.model, str(adapter), is_trainable=False)
@@ -202,7 +215,7 @@ def inference_target(
         return ModelConfig(name_or_path=model), quant, adapter
     run = recipe.output_dir
     if adapter is None and recipe.lora.enabled:
-        if not os.path.isfile(os.path.join(run, "adapter_config.json")):
+        if not has_adapter(run):
             raise QloraError(f"output_dir {run} holds no trained adapter yet: train first, or pass --adapter")
         adapter = run
     model_cfg = recipe.model if recipe.lora.enabled else recipe.model.model_copy(update={"name_or_path": run})
@@ -256,7 +269,7 @@ def linear_module_names(model: Any) -> list[str]:
     return sorted(names - head_names)
 
 
-def add_lora(model: Any, cfg: LoraConfig, *, seq2seq: bool) -> Any:
+def add_lora(model: Any, cfg: LoraConfig, *, kind: ModelKind) -> Any:
     from peft import LoraConfig as PeftLoraConfig
     from peft import TaskType, get_peft_model
 
@@ -269,7 +282,7 @@ def add_lora(model: Any, cfg: LoraConfig, *, seq2seq: bool) -> Any:
         lora_dropout=cfg.dropout,
         target_modules=targets,
         bias=cfg.bias,
-        task_type=TaskType.SEQ_2_SEQ_LM if seq2seq else TaskType.CAUSAL_LM,
+        task_type=TaskType(kind.peft_task_type),
     )
     try:
         return get_peft_model(model, peft_config)

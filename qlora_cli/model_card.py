@@ -1,7 +1,6 @@
-"""Hugging Face model cards: README.md with YAML front matter, for a trained adapter or a merged model.
+"""Hugging Face model cards: README.md with YAML front matter, for a trained adapter or a full finetune.
 
-`qlora train` writes one into output_dir (replacing PEFT's empty template); the merge command calls
-`write_model_card(folder, recipe, metrics, merged=True)` for the merged folder.
+`qlora train` writes one into output_dir, replacing PEFT's empty template.
 """
 
 from __future__ import annotations
@@ -10,9 +9,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from qlora_cli.config import Recipe
+from qlora_cli.model_kind import ModelKind
 from qlora_cli.report import hub_dataset, markdown_table, recipe_rows, result_rows
+from qlora_cli.run_folder import CARD_FILE
 
-CARD_FILE = "README.md"
 PAPER = "https://arxiv.org/abs/2305.14314"
 _TORCH_DTYPES = {"auto": "torch.bfloat16", "bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.float32"}
 
@@ -20,45 +20,41 @@ _TORCH_DTYPES = {"auto": "torch.bfloat16", "bf16": "torch.bfloat16", "fp16": "to
 def write_model_card(
     folder: str | Path,
     recipe: Recipe,
+    kind: ModelKind,
     metrics: dict[str, Any] | None,
     *,
-    merged: bool = False,
     log_history: Iterable[dict[str, Any]] = (),
 ) -> Path:
-    """Write folder/README.md; `folder` must already hold the adapter, or the model's config.json.
-
-    A run with `lora.enabled: false` (full finetuning) saved a whole model, so it gets a card like a merged one.
-    """
+    """Write folder/README.md for the adapter it holds, or the whole model (`lora.enabled: false`)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     folder = Path(folder)
-    adapter = recipe.lora.enabled and not merged
-    seq2seq = _is_seq2seq(folder, adapter=adapter)
+    adapter = recipe.lora.enabled
     base = recipe.model.name_or_path
     dataset = hub_dataset(recipe.data)
     tags = ["qlora", "lora"] if recipe.lora.enabled else ["full-finetune"]
     if recipe.quantization.bits == 4:
         tags += ["4-bit", recipe.quantization.quant_type]
-    tags.append(f"base_model:adapter:{base}" if adapter else "merged" if merged else f"base_model:finetune:{base}")
+    tags.append(f"base_model:adapter:{base}" if adapter else f"base_model:finetune:{base}")
     data = ModelCardData(
         base_model=base,
         library_name="peft" if adapter else "transformers",
         license="other",
         tags=tags,
         datasets=[dataset] if dataset else None,
-        pipeline_tag="text2text-generation" if seq2seq else "text-generation",
+        pipeline_tag=kind.pipeline_tag,
     )
     history = list(log_history)
     body = [
         f"# {folder.resolve().name}",
-        _intro(recipe, merged=merged),
+        _intro(recipe),
         "## Training\n\n" + markdown_table(recipe_rows(recipe, metrics), ("", "")),
     ]
     results = result_rows(metrics, history)
     if results:
         body.append("## Results\n\n" + markdown_table(results, ("metric", "value")))
     body += [
-        "## How to use\n\n```python\n" + _snippet(folder, recipe, seq2seq=seq2seq, adapter=adapter) + "```",
+        "## How to use\n\n```python\n" + _snippet(folder, recipe, kind) + "```",
         "## Prompt format\n\nTraining prompts looked like this; prompt the model the same way:\n\n```text\n"
         + _prompt_example(recipe)
         + "\n```",
@@ -71,19 +67,7 @@ def write_model_card(
     return path
 
 
-def _is_seq2seq(folder: Path, *, adapter: bool) -> bool:
-    if adapter:
-        from peft import PeftConfig
-
-        return PeftConfig.from_pretrained(folder).task_type == "SEQ_2_SEQ_LM"
-    from transformers import AutoConfig
-
-    from qlora_cli.model import is_seq2seq
-
-    return is_seq2seq(AutoConfig.from_pretrained(folder))
-
-
-def _intro(recipe: Recipe, *, merged: bool) -> str:
+def _intro(recipe: Recipe) -> str:
     if not recipe.lora.enabled:
         return (
             f"Every weight of `{recipe.model.name_or_path}` finetuned (no LoRA) with the `qlora` CLI on "
@@ -91,20 +75,18 @@ def _intro(recipe: Recipe, *, merged: bool) -> str:
         )
     q = recipe.quantization
     frozen = f"{q.bits}-bit {q.quant_type.upper()}" if q.bits == 4 else f"{q.bits}-bit"
-    how = (
+    return (
         f"Finetuned the [QLoRA]({PAPER}) way with the `qlora` CLI: `{recipe.model.name_or_path}` stayed frozen in "
-        f"{frozen} while LoRA adapters trained on `{recipe.data.dataset}`-format data."
+        f"{frozen} while LoRA adapters trained on `{recipe.data.dataset}`-format data. This folder holds the "
+        "adapter only; load it on top of the base model."
     )
-    if merged:
-        return how + " The adapter has since been merged into the base weights: this folder loads without peft."
-    return how + " This folder holds the adapter only; load it on top of the base model."
 
 
-def _snippet(folder: Path, recipe: Recipe, *, seq2seq: bool, adapter: bool) -> str:
-    auto_class = "AutoModelForSeq2SeqLM" if seq2seq else "AutoModelForCausalLM"
+def _snippet(folder: Path, recipe: Recipe, kind: ModelKind) -> str:
+    auto_class = kind.auto_class
     dtype = _TORCH_DTYPES[recipe.quantization.compute_dtype]
     where = str(folder)
-    if not adapter:
+    if not recipe.lora.enabled:
         return (
             "import torch\n"
             f"from transformers import {auto_class}, AutoTokenizer\n\n"

@@ -121,7 +121,7 @@ def architecture_for(
         return known
     from transformers import AutoConfig
 
-    from qlora_cli.demo import resolve_builtin_model
+    from qlora_cli.builtin import resolve_builtin_model
     from qlora_cli.model import _from_pretrained
 
     source = resolve_builtin_model(name_or_path)

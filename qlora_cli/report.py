@@ -1,25 +1,20 @@
 """`qlora report`: plots and a one-page summary of a run, read from the files a run leaves behind.
 
-Everything comes from `output_dir`: `recipe.yaml`, `metrics.json` (written when training ends) and the
-Trainer's log history (`trainer_state.json`, or the newest checkpoint's while a run is still going).
+Everything comes from the run folder (qlora_cli.run_folder): the recipe, the metrics written when training
+ends, and the Trainer's log history (the finished run's, or the newest checkpoint's while it still trains).
 Figures are drawn on matplotlib's Agg canvas without pyplot: no display, no global state.
 """
 
 from __future__ import annotations
 
 import html
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qlora_cli.config import DataConfig, Recipe, load_recipe
+from qlora_cli.config import DataConfig, Recipe
 from qlora_cli.errors import QloraError
-from qlora_cli.train import METRICS_FILE, RECIPE_FILE
-
-TRAINER_STATE = "trainer_state.json"
-REPORT_FILE = "report.md"
-FIGURES_DIR = "figures"
+from qlora_cli.run_folder import FIGURES_DIR, RECIPE_FILE, REPORT_FILE, RunFolder, read_recipe
 
 Rows = list[tuple[str, str]]
 
@@ -33,31 +28,10 @@ class Run:
 
 
 def load_run(folder: str | Path) -> Run:
-    folder = Path(folder)
-    if not (folder / RECIPE_FILE).is_file():
-        raise QloraError(f"{folder} is not a qlora run folder (no {RECIPE_FILE})")
-    recipe = load_recipe(folder / RECIPE_FILE)
-    metrics_file = folder / METRICS_FILE
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
-    return Run(folder, recipe, metrics, read_log_history(folder))
-
-
-def read_log_history(folder: Path) -> list[dict[str, Any]]:
-    """The finished run's log history, else the newest checkpoint's (a run still in progress)."""
-    checkpoints = sorted(folder.glob(f"checkpoint-*/{TRAINER_STATE}"), key=lambda p: _step_of(p.parent))
-    candidates = [folder / TRAINER_STATE, *reversed(checkpoints)]
-    state_file = next((p for p in candidates if p.is_file()), None)
-    if state_file is None:
-        raise QloraError(f"{folder}: no {TRAINER_STATE} in the run or its checkpoints yet; nothing to report")
-    try:
-        return json.loads(state_file.read_text())["log_history"]
-    except (json.JSONDecodeError, KeyError) as exc:
-        raise QloraError(f"{state_file}: not a Trainer state file ({exc})") from None
-
-
-def _step_of(checkpoint: Path) -> int:
-    suffix = checkpoint.name.removeprefix("checkpoint-")
-    return int(suffix) if suffix.isdigit() else -1
+    run = RunFolder(Path(folder))
+    if not run.is_run():
+        raise QloraError(f"{run.path} is not a qlora run folder (no {RECIPE_FILE})")
+    return Run(run.path, read_recipe(run.path), run.read_metrics(), run.log_history())
 
 
 def series(history: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:

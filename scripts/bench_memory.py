@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_cli.benchmark import SETUPS, SIZES, RunShape, markdown_table, measure_setup, random_checkpoint, write_json
+from benchlib import SETUPS, SIZES, RunShape, markdown_table, measure_setup, random_checkpoint, write_json
 from qlora_cli.plan import GIB, plan_memory
 
 TOLERANCE = 0.15  # the target: every row within 15% of the prediction

@@ -26,9 +26,8 @@ import time
 
 import torch
 
-from qlora_cli.benchmark import SIZES, TOKENIZER, random_checkpoint
+from benchlib import SIZES, TOKENIZER, random_checkpoint
 from qlora_cli.config import MmluEvalConfig, ModelConfig, QuantizationConfig
-from qlora_cli.data.tokenize import source_ids
 from qlora_cli.eval.mmlu import evaluate, letter_token_ids, load_items, summarize
 from qlora_cli.model import load_for_inference
 
@@ -36,13 +35,12 @@ SUBJECTS = "abstract_algebra,high_school_biology,moral_scenarios,virology"
 
 
 @torch.no_grad()
-def one_at_a_time(model, tokenizer, prompts: list[str]) -> torch.Tensor:
-    letters = letter_token_ids(tokenizer)
-    device = next(model.parameters()).device
+def one_at_a_time(loaded, prompts: list[str]) -> torch.Tensor:
+    letters = letter_token_ids(loaded.tokenizer)
     rows = []
-    for prompt in prompts:
-        ids = source_ids(tokenizer, tokenizer(prompt, add_special_tokens=False)["input_ids"], seq2seq=False)
-        rows.append(model(input_ids=torch.tensor([ids], device=device)).logits[0, -1, letters].float().cpu())
+    for ids in loaded.prompt_ids(prompts):
+        logits = loaded.model(input_ids=torch.tensor([ids], device=loaded.device)).logits
+        rows.append(logits[0, -1, letters].float().cpu())
     return torch.stack(rows)
 
 
@@ -95,7 +93,7 @@ def main() -> None:
         else ModelConfig(name_or_path=str(random_checkpoint(SIZES[args.size])), tokenizer=TOKENIZER)
     )
     loaded = load_for_inference(model_cfg, QuantizationConfig.named(args.quantization))
-    if loaded.seq2seq:
+    if not loaded.kind.shares_prompt_prefixes:
         parser.error("the one-at-a-time reference scores decoder-only models")
     cfg = MmluEvalConfig(
         data=args.data,
@@ -108,15 +106,15 @@ def main() -> None:
     )
     items = load_items(cfg, loaded.tokenizer)
     model, tokenizer = loaded.model, loaded.tokenizer
-    one_at_a_time(model, tokenizer, [items[0].prompt])  # warm up kernels and allocator for both
+    one_at_a_time(loaded, [items[0].prompt])  # warm up kernels and allocator for both
     work = LinearWork(model)
 
     single, single_s, single_cpu = timed(
-        lambda: summarize(items, one_at_a_time(model, tokenizer, [i.prompt for i in items]))
+        lambda: summarize(items, one_at_a_time(loaded, [i.prompt for i in items]))
     )
     single_macs = work.take()
     batched, batched_s, batched_cpu = timed(
-        lambda: evaluate(model, tokenizer, items, seq2seq=False, batch_size=args.batch_size)
+        lambda: evaluate(loaded, items, batch_size=args.batch_size)
     )
     batched_macs = work.take()
 

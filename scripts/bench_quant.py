@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_cli.benchmark import markdown_table, write_json
+from benchlib import markdown_table, write_json
 from qlora_cli.plan import BLOCK_SIZE
 
 VARIANTS = [("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False)]
@@ -132,7 +132,7 @@ def perplexities(recipe, trained: Path) -> dict:
     ]:
         loaded = load_model(model_cfg, quant, for_training=False)
         if held_out is None:
-            held_out = prepare_data(recipe.data, loaded.tokenizer, seq2seq=False, seed=recipe.training.seed)
+            held_out = prepare_data(recipe.data, loaded.tokenizer, kind=loaded.kind, seed=recipe.training.seed)
         out[name] = perplexity(loaded.model, held_out.eval, loaded.tokenizer.pad_token_id)
     return {"16-bit": out["16-bit"], "perplexity": out, "eval_examples": len(held_out.eval)}
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_cli.benchmark import SETUPS, SIZES, RunShape, markdown_table, measure_setup, random_checkpoint, write_json
+from benchlib import SETUPS, SIZES, RunShape, markdown_table, measure_setup, random_checkpoint, write_json
 from qlora_cli.plan import GIB
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -101,9 +101,11 @@ def padding_efficiency(data: str, tokenizer_name: str, batch_sizes: tuple[int, .
     from qlora_cli.config import DataConfig, ModelConfig
     from qlora_cli.data import prepare_data
     from qlora_cli.model import load_tokenizer
+    from qlora_cli.model_kind import CausalLM
 
     tokenizer = load_tokenizer(ModelConfig(name_or_path=tokenizer_name))
-    prepared = prepare_data(DataConfig(dataset="alpaca", path=data, eval_size=0), tokenizer, seq2seq=False, seed=0)
+    data_cfg = DataConfig(dataset="alpaca", path=data, eval_size=0)
+    prepared = prepare_data(data_cfg, tokenizer, kind=CausalLM(), seed=0)
     lengths = prepared.train["length"]
 
     def efficiency(order: list[int], batch: int) -> float:

@@ -1,4 +1,5 @@
-"""Measure what the planner predicts: peak memory, speed and storage of real training steps.
+"""Shared by scripts/bench_*.py (not part of the installed package): peak memory, speed and storage of real
+training steps, to measure what the planner predicts.
 
 scripts/bench_*.py and tests/test_plan.py run `qlora train`'s own pieces (load_model, add_lora,
 build_trainer) on random-init LLaMA checkpoints. Each measurement runs in a fresh process (`isolated`),
@@ -9,22 +10,20 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import statistics
 import tempfile
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
 from qlora_cli.config import Recipe, validate_recipe
 from qlora_cli.errors import QloraError
+from qlora_cli.memory import MemoryMeter
 from qlora_cli.plan import ARCHITECTURES, Architecture
 
 # Random-init LLaMA shapes between the builtin tiny model and LLaMA-7B, with LLaMA's 32000-token vocabulary,
@@ -53,7 +52,7 @@ def random_checkpoint(arch: Architecture, *, shard_size: str = "200MB") -> Path:
 
     Small shards let the loading measurement tell shard-by-shard quantization from a full 16-bit copy.
     """
-    from qlora_cli.demo import _materialize
+    from qlora_cli.builtin import materialize
 
     def build(folder: Path) -> None:
         from transformers import AutoModelForCausalLM, LlamaConfig
@@ -75,7 +74,7 @@ def random_checkpoint(arch: Architecture, *, shard_size: str = "200MB") -> Path:
 
     key = f"bench-{arch.name}-h{arch.hidden}-l{arch.layers}-i{arch.intermediate}-kv{arch.kv_heads}-v{arch.vocab}"
     key += f"-{shard_size}"
-    return _materialize(key, build)
+    return materialize(key, build)
 
 
 @dataclass(frozen=True)
@@ -137,70 +136,6 @@ def measure_setup(
         return recipe, isolated(measure_training, recipe, lengths, profile)
 
 
-class PeakMemory:
-    """torch's CUDA allocator peak on a GPU; the resident set's high-water mark on the CPU (Linux /proc)."""
-
-    def __init__(self) -> None:
-        self.cuda = torch.cuda.is_available()
-        if not self.cuda and not Path("/proc/self/clear_refs").exists():
-            raise QloraError("measuring peak memory on the CPU needs Linux (/proc/self/clear_refs)")
-
-    @property
-    def kind(self) -> str:
-        return "cuda max_memory_allocated" if self.cuda else "peak RSS"
-
-    def reset(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-
-    def peak(self) -> int:
-        return int(torch.cuda.max_memory_allocated()) if self.cuda else _proc_status("VmHWM")
-
-    def current(self) -> int:
-        return int(torch.cuda.memory_allocated()) if self.cuda else _proc_status("VmRSS")
-
-    @contextmanager
-    def allocated_peak(self, interval_s: float = 0.002) -> Iterator[dict[str, int]]:
-        """Peak of what the process itself allocates, above its level on entry: `{"peak": bytes}` on exit.
-
-        Peak RSS also counts a memory-mapped checkpoint's pages, clean page cache that the kernel can drop
-        and that a GPU allocator's peak never sees; on the CPU this samples anonymous memory (RssAnon) instead.
-        """
-        if self.cuda:
-            self.reset()
-            start = self.current()
-            result: dict[str, int] = {}
-            yield result
-            result["peak"] = self.peak() - start
-            return
-        start = peak = _proc_status("RssAnon")
-        done = threading.Event()
-
-        def sample() -> None:
-            nonlocal peak
-            while not done.wait(interval_s):
-                peak = max(peak, _proc_status("RssAnon"))
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        result = {}
-        try:
-            yield result
-        finally:
-            done.set()
-            sampler.join()
-            result["peak"] = max(peak, _proc_status("RssAnon")) - start
-
-
-def _proc_status(field: str) -> int:
-    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
-    assert match, field
-    return int(match.group(1)) * 1024
-
-
 def random_batches(vocab: int, lengths: list[int], seed: int = 0) -> Any:
     """Token ids the model trains on (loss on every token): `qlora train`'s tokenized columns."""
     from datasets import Dataset
@@ -220,7 +155,7 @@ def measure_training(recipe: Recipe, lengths: list[int], profile: bool = False) 
     """
     if not torch.cuda.is_available():
         _return_freed_memory()
-    meter = PeakMemory()
+    meter = MemoryMeter()
     warm_up = recipe.model_copy(update={"model": recipe.model.model_copy(update={"name_or_path": TOKENIZER})})
     _train(warm_up, [16] * recipe.training.batch_size, meter)
     return _train(recipe, lengths, meter, profile)
@@ -235,14 +170,14 @@ def _return_freed_memory() -> None:
         libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
 
 
-def _train(recipe: Recipe, lengths: list[int], meter: PeakMemory, profile: bool = False) -> dict[str, Any]:
+def _train(recipe: Recipe, lengths: list[int], meter: MemoryMeter, profile: bool = False) -> dict[str, Any]:
     import gc
 
     from transformers import TrainerCallback
 
     from qlora_cli.data import PreparedData
     from qlora_cli.model import add_lora, load_model
-    from qlora_cli.train import build_trainer
+    from qlora_cli.trainer import build_trainer
 
     class StepMeter(TrainerCallback):
         """Wall and CPU time and tokens at each step's end; keeps the Trainer from writing a checkpoint."""
@@ -260,17 +195,19 @@ def _train(recipe: Recipe, lengths: list[int], meter: PeakMemory, profile: bool 
     if meter.cuda:
         torch.cuda.empty_cache()
     baseline = meter.current()
-    meter.reset()
+    meter.reset_peak()
     t = recipe.training
-    with meter.allocated_peak() as loading:
+    with meter.held_peak() as loading:
         loaded = load_model(recipe.model, recipe.quantization, gradient_checkpointing=t.gradient_checkpointing)
-        model = add_lora(loaded.model, recipe.lora, seq2seq=False) if recipe.lora.enabled else loaded.model
+        if recipe.lora.enabled:
+            loaded.model = add_lora(loaded.model, recipe.lora, kind=loaded.kind)
+    model = loaded.model
     load_peak, loaded_size = meter.peak() - baseline, meter.current() - baseline
     data = PreparedData(train=random_batches(loaded.model.config.vocab_size, lengths), eval=None)
-    trainer = build_trainer(recipe, loaded, model, data)
+    trainer = build_trainer(recipe, loaded, data)
     steps = StepMeter()
     trainer.add_callback(steps)
-    meter.reset()
+    meter.reset_peak()
     with _profiler(profile) as prof:
         trainer.train()
     # The first step warms up and is left out. Medians resist a busy machine; CPU time (all threads of
@@ -283,7 +220,7 @@ def _train(recipe: Recipe, lengths: list[int], meter: PeakMemory, profile: bool 
         "peak": meter.peak() - baseline,
         "memory_kind": meter.kind,
         "load_peak": load_peak,
-        "load_allocated_peak": loading["peak"],
+        "load_allocated_peak": loading.peak - loading.start,
         "loaded_size": loaded_size,
         "largest_shard": largest_shard(Path(recipe.model.name_or_path)),
         "tokens_per_s": statistics.median(per_wall) if pairs else None,

@@ -26,7 +26,7 @@ def build(work: Path, hidden: int, layers: int) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qlora_cli.demo import resolve_builtin_model
+    from qlora_cli.builtin import resolve_builtin_model
 
     base, adapter = work / "base", work / "adapter"
     if (adapter / "adapter_config.json").exists():

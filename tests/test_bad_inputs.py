@@ -187,7 +187,7 @@ def test_remote_code_in_a_model_folder_is_not_run_unless_the_recipe_allows_it(cl
 
 
 def test_pickled_code_in_model_weights_is_refused(cli, tmp_path):
-    from qlora_cli.demo import resolve_builtin_model
+    from qlora_cli.builtin import resolve_builtin_model
 
     model = tmp_path / "model"
     shutil.copytree(resolve_builtin_model("builtin:tiny-llama"), model)

@@ -3,9 +3,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qlora_cli.config import Recipe, deep_merge, load_recipe
+from qlora_cli.config import Recipe, deep_merge, load_recipe, training_drift, validate_recipe
 from qlora_cli.errors import ConfigError
 from tests.conftest import REPO
+from tests.tiny import tiny_recipe
 
 DEMO = REPO / "configs" / "demo.yaml"
 
@@ -153,3 +154,53 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and "lora.r" in result.stderr
+
+
+
+def test_drift_lists_fields_that_change_training_and_ignores_the_rest():
+    saved = tiny_recipe().model_dump(mode="json")
+    current = tiny_recipe(learning_rate=1e-3, logging_steps=7, save_steps=9, report_to=["tensorboard"]).model_dump(
+        mode="json"
+    )
+    current["output_dir"] = "elsewhere"
+    current["eval"]["exact_match_samples"] = 5
+    current["lora"]["target_modules"] = ["q_proj"]
+    assert training_drift(saved, validate_recipe(current)) == [
+        "lora.target_modules: 'all-linear' -> ['q_proj']",
+        "training.learning_rate: 0.003 -> 0.001",
+    ]
+
+
+@pytest.mark.parametrize("name", ["guanaco-65b.yaml", "guanaco-65b"])
+def test_a_bundled_recipe_resolves_by_name_from_any_folder(cli, tmp_path, monkeypatch, name):
+    for folder in (REPO, tmp_path):
+        monkeypatch.chdir(folder)
+        code, out, err = cli("config", "show", "--config", name)
+        assert code == 0, err
+        shown = yaml.safe_load(out)
+        assert shown["model"]["name_or_path"] == "huggyllama/llama-65b"
+        assert shown["lora"]["dropout"] == 0.05  # from the recipe, not the defaults
+
+
+def test_a_local_file_of_that_name_wins_over_the_bundled_recipe(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "guanaco-65b.yaml", {"output_dir": "mine", "model": {"name_or_path": "my/model"}})
+    assert load_recipe("guanaco-65b.yaml").model.name_or_path == "my/model"
+    assert load_recipe("guanaco-65b").model.name_or_path == "huggyllama/llama-65b"  # no file of that name here
+
+
+def test_an_unknown_name_says_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"recipe not found: guanaco-65x is no file here and no bundled recipe"):
+        load_recipe("guanaco-65x")
+    with pytest.raises(ConfigError, match=r"^recipe not found: sub/guanaco-65b.yaml$"):
+        load_recipe("sub/guanaco-65b.yaml")  # a path: never a bundled recipe
+
+
+def test_config_show_and_validate_check_the_names_only_transformers_knows(cli, tmp_path):
+    """One validation: `config show` refuses what `config validate` and `train` refuse."""
+    code, _, err = cli("config", "show", "--config", str(DEMO), "training.optim=adamw_fancy")
+    assert code == 2 and "training.optim: unknown value 'adamw_fancy'" in err
+    mistyped = write(tmp_path / "r.yaml", {**yaml.safe_load(DEMO.read_text()), "training": {"lr_scheduler": "cosinus"}})
+    code, _, err = cli("config", "validate", str(mistyped))
+    assert code == 2 and "unknown value 'cosinus' (did you mean 'cosine'?)" in err

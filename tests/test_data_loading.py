@@ -11,6 +11,7 @@ import pytest
 
 from qlora_cli.config import DataConfig
 from qlora_cli.data import FORMATS, prepare_data
+from qlora_cli.model_kind import CausalLM
 from qlora_cli.data.loading import NO_TARGET_LEFT, load_raw, local_files
 from qlora_cli.errors import QloraError
 from tests.data_fixtures import tokenizer, write_jsonl  # noqa: F401  (fixture)
@@ -19,7 +20,7 @@ RECORDS = [{"instruction": f"Repeat {w}.", "input": "", "output": w} for w in ["
 
 
 def prepare(tok, **data):
-    return prepare_data(DataConfig(**data), tok, seq2seq=False, seed=0)
+    return prepare_data(DataConfig(**data), tok, kind=CausalLM(), seed=0)
 
 
 def _write(path: Path, records: list[dict]) -> Path:
@@ -203,7 +204,7 @@ def test_real_file_loads_formats_and_tokenizes_with_no_unexpected_skip(shared_da
     data = prepare_data(
         DataConfig(dataset=dataset, path=str(shared_data / file), eval_size=0, max_train_samples=200),
         llama_tokenizer,
-        seq2seq=False,
+        kind=CausalLM(),
         seed=0,
     )
     assert dict(data.skipped) == EXPECTED_SKIPS.get(file, {})

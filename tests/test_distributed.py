@@ -15,7 +15,8 @@ import torch
 import yaml
 
 from qlora_cli.config import QuantizationConfig, TrainingConfig, load_recipe
-from qlora_cli.distributed import check_launch, deepspeed_zero_stage, fsdp_config, launch_command
+from qlora_cli.distributed import fsdp_config, launch_command
+from qlora_cli.preflight import check_launch, deepspeed_zero_stage, preflight
 from qlora_cli.errors import QloraError
 from tests.conftest import REPO, run_cli
 
@@ -112,7 +113,6 @@ def test_num_processes_under_a_launcher_is_refused(cli, monkeypatch: pytest.Monk
             "must equal the compute dtype",
         ),
         (["training.fsdp=true", "training.deepspeed=configs/deepspeed/zero2.json"], "choose one"),
-        (["training.deepspeed=no/such/zero.json"], "config file not found: no/such/zero.json"),
     ],
 )
 def test_rejected_combinations_name_the_fix(cli, overrides: list[str], message: str) -> None:
@@ -121,16 +121,28 @@ def test_rejected_combinations_name_the_fix(cli, overrides: list[str], message: 
     assert message in err
 
 
+def test_a_missing_deepspeed_config_is_a_preflight_error_not_a_recipe_error(cli) -> None:
+    """Validating the recipe reads no files; `train` checks the file before loading anything."""
+    missing = "training.deepspeed=no/such/zero.json"
+    assert cli("config", "show", "--config", str(DEMO), missing)[0] == 0
+    code, _, err = cli("train", "--config", str(DEMO), missing)
+    assert code == 2
+    assert "training.deepspeed: config file not found: no/such/zero.json" in err
+
+
 @pytest.mark.parametrize(("bits", "rejected"), [(4, True), (16, False)])
 def test_zero3_is_rejected_with_4bit_only(tmp_path: Path, bits: int, rejected: bool) -> None:
     zero3 = tmp_path / "zero3.json"
     zero3.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
-    overrides = [f"training.deepspeed={zero3}", f"quantization.bits={bits}"]
+    recipe = load_recipe(DEMO, [f"training.deepspeed={zero3}", f"quantization.bits={bits}"])
     if rejected:
         with pytest.raises(QloraError, match="ZeRO-3 cannot shard 4-bit"):
-            load_recipe(DEMO, overrides)
-    else:
-        assert load_recipe(DEMO, overrides).training.deepspeed == str(zero3)
+            preflight(recipe, {})
+        return
+    try:
+        preflight(recipe, {})
+    except QloraError as exc:  # where DeepSpeed is not installed, that is the only complaint
+        assert "needs DeepSpeed" in str(exc)
 
 
 def test_accepted_engine_recipes() -> None:
@@ -158,7 +170,7 @@ def test_deepspeed_recipe_without_deepspeed_installed_says_what_to_install() -> 
         pytest.skip("deepspeed is installed")
     recipe = load_recipe(DEMO, [f"training.deepspeed={REPO / 'configs/deepspeed/zero2.json'}"])
     with pytest.raises(QloraError, match=r"pip install 'qlora-cli\[deepspeed\]'"):
-        check_launch(recipe, {})
+        preflight(recipe, {})
 
 
 def test_fsdp_stores_4bit_weights_in_the_compute_dtype() -> None:
@@ -168,8 +180,16 @@ def test_fsdp_stores_4bit_weights_in_the_compute_dtype() -> None:
     assert bnb_config(quant, torch.bfloat16, fsdp=True).bnb_4bit_quant_storage == torch.bfloat16
     assert bnb_config(quant, torch.float32, fsdp=True).bnb_4bit_quant_storage == torch.float32
     assert bnb_config(quant, torch.bfloat16).bnb_4bit_quant_storage == torch.uint8
-    with pytest.raises(QloraError, match="quant_storage=bf16 must equal the compute dtype"):
-        bnb_config(QuantizationConfig(quant_storage="bf16"), torch.float32, fsdp=True)
+
+
+def test_preflight_checks_the_fsdp_storage_against_the_compute_dtype_of_this_machine() -> None:
+    """`compute_dtype: auto` resolves on the machine (fp32 on the CPU), so only preflight can tell."""
+    on_this_machine = load_recipe(DEMO, ["training.fsdp=true", "quantization.quant_storage=bf16"])  # passes validation
+    if torch.cuda.is_available():
+        pytest.skip("auto resolves to bf16/fp16 on a GPU")
+    with pytest.raises(QloraError, match=r"quant_storage=bf16 must equal the compute dtype \(fp32\)"):
+        preflight(on_this_machine, {})
+    preflight(load_recipe(DEMO, ["training.fsdp=true", "quantization.quant_storage=fp32"]), {})
 
 
 def test_fsdp_model_keeps_the_storage_dtype_and_leaves_checkpointing_to_fsdp() -> None:
@@ -187,10 +207,10 @@ def test_fsdp_model_keeps_the_storage_dtype_and_leaves_checkpointing_to_fsdp() -
 
 
 def test_trainer_gets_fsdp_qlora_settings() -> None:
-    from qlora_cli.train import training_arguments
+    from qlora_cli.trainer import training_arguments
 
     recipe = load_recipe(DEMO, ["training.fsdp=true", "training.gradient_checkpointing=true", "output_dir=/tmp/unused"])
-    args = training_arguments(recipe, torch.float32, seq2seq=False, has_eval=False)
+    args = training_arguments(recipe, torch.float32, has_eval=False)
     plugin = args.fsdp_plugin_args
     assert plugin["fsdp_version"] == 2
     assert plugin["cpu_ram_efficient_loading"] and plugin["activation_checkpointing"]

@@ -63,7 +63,7 @@ def test_single_prompt_prints_only_the_reply(cli, t5_adapter):
     code, out, err = cli("generate", "--adapter", str(t5_adapter), "--prompt", PROMPTS[0], "--max-new-tokens", "6")
     assert code == 0, err
     generator = load_generator(None, t5_adapter)
-    assert generator.loaded.seq2seq
+    assert generator.loaded.kind.name == "seq2seq"
     expected = generator.generate([generator.format(PROMPTS[0])], Sampling(max_new_tokens=6))[0]
     assert out == expected + "\n"
 

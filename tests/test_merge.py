@@ -9,8 +9,9 @@ import torch
 from qlora_cli.adapter import prompt_format, read_adapter
 from qlora_cli.data.tokenize import tokenize_example
 from qlora_cli.errors import QloraError
-from qlora_cli.merge import MERGE_REPORT, _staged
+from qlora_cli.merge import _staged
 from qlora_cli.model import load_for_inference
+from qlora_cli.run_folder import MERGE_REPORT_FILE as MERGE_REPORT
 from tests.trained import llama_adapter, merged_model, t5_adapter  # noqa: F401 (fixtures)
 
 PROMPTS = [("Reverse the order of the words.", "stone river apple"), ("Write the digits as words.", "nine two")]
@@ -40,19 +41,18 @@ def trained_model_logits(adapter_dir):
     adapter = read_adapter(adapter_dir)
     loaded = load_for_inference(adapter.base_model(), adapter.quantization, adapter.path, device="cpu")
     fmt = prompt_format(adapter.recipe, loaded.tokenizer)
-    examples = [
-        tokenize_example(loaded.tokenizer, fmt.prompt(p), a, adapter.recipe.data, seq2seq=loaded.seq2seq)
-        for p, a in PROMPTS
-    ]
+    seq2seq = loaded.kind.name == "seq2seq"
+    data = adapter.recipe.data
+    examples = [tokenize_example(loaded.tokenizer, fmt.prompt(p), a, data, kind=loaded.kind) for p, a in PROMPTS]
     with torch.no_grad():
         logits = [
             loaded.model(
                 input_ids=torch.tensor([e["input_ids"]]),
-                **({"labels": torch.tensor([e["labels"]])} if loaded.seq2seq else {}),
+                **({"labels": torch.tensor([e["labels"]])} if seq2seq else {}),
             ).logits
             for e in examples
         ]
-    return logits, examples, loaded.seq2seq
+    return logits, examples, seq2seq
 
 
 def max_diff(a, b):
@@ -150,7 +150,7 @@ def test_non_finite_adapter_fails_and_leaves_nothing(cli, tmp_path, t5_adapter):
 def test_adapter_with_layers_the_base_lacks_does_not_fit(cli, tmp_path, llama_adapter):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from qlora_cli.demo import resolve_builtin_model
+    from qlora_cli.builtin import resolve_builtin_model
 
     tiny = resolve_builtin_model("builtin:tiny-llama")
     config = AutoConfig.from_pretrained(tiny)

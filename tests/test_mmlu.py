@@ -169,7 +169,7 @@ def test_scores_equal_logits_computed_by_hand(tiny_llama, shots):
         lambda module, args, kwargs: reused_cache.append(kwargs.get(cache_argument) is not None), with_kwargs=True
     )
     try:
-        scored = score_prompts(model, tokenizer, prompts, seq2seq=False, batch_size=4, groups=groups)
+        scored = score_prompts(tiny_llama, prompts, batch_size=4, groups=groups)
     finally:
         hook.remove()
     assert reused_cache.count(True) == 4  # two groups of five in batches of 4: each group's prefix encoded once
@@ -181,7 +181,7 @@ def test_scores_equal_logits_computed_by_hand(tiny_llama, shots):
 def test_predictions_do_not_depend_on_batch_size(tiny_llama):
     prompts, groups = _prompts(7)
     runs = [
-        score_prompts(tiny_llama.model, tiny_llama.tokenizer, prompts, seq2seq=False, batch_size=bs, groups=g)
+        score_prompts(tiny_llama, prompts, batch_size=bs, groups=g)
         for bs, g in ((1, None), (3, groups), (16, groups), (16, None))
     ]
     for other in runs[1:]:
@@ -206,7 +206,7 @@ def test_seq2seq_scores_the_first_decoder_token():
                 for p in prompts
             ]
         )
-    scored = score_prompts(t5.model, t5.tokenizer, prompts, seq2seq=True, batch_size=3)
+    scored = score_prompts(t5, prompts, batch_size=3)
     torch.testing.assert_close(scored, by_hand, atol=1e-4, rtol=1e-4)
 
 

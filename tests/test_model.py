@@ -53,7 +53,7 @@ def test_linear_layers_found_by_inspection_exclude_the_head(tiny_llama_4bit):
 def test_lora_wraps_every_linear_layer_but_the_head(tiny_llama_4bit):
     import bitsandbytes as bnb
 
-    model = add_lora(tiny_llama_4bit.model, LoraConfig(r=8), seq2seq=False)
+    model = add_lora(tiny_llama_4bit.model, LoraConfig(r=8), kind=tiny_llama_4bit.kind)
     quantized = [name for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)]
     assert len(quantized) == 4 * 7
     assert all(name.endswith(".base_layer") for name in quantized)

@@ -4,6 +4,7 @@ import yaml
 
 from qlora_cli.config import validate_recipe
 from qlora_cli.model_card import write_model_card
+from qlora_cli.model_kind import CausalLM, Seq2SeqLM
 
 METRICS = {
     "train_loss": 1.25,
@@ -42,7 +43,7 @@ def _adapter_folder(tmp_path, task_type="CAUSAL_LM"):
 
 def test_adapter_card_front_matter_and_sections(tmp_path):
     folder = _adapter_folder(tmp_path)
-    path = write_model_card(folder, _recipe(tmp_path), METRICS, log_history=[{"step": 100, "eval_loss": 1.5}])
+    path = write_model_card(folder, _recipe(tmp_path), CausalLM(), METRICS, log_history=[{"step": 100, "eval_loss": 1.5}])
 
     meta, body = front_matter(path.read_text())
     assert meta["base_model"] == "huggyllama/llama-7b"
@@ -63,20 +64,20 @@ def test_adapter_card_front_matter_and_sections(tmp_path):
 
 def test_card_of_local_data_lists_no_hub_dataset(tmp_path):
     folder = _adapter_folder(tmp_path)
-    meta, body = front_matter(write_model_card(folder, _recipe(tmp_path, path="my.json"), None).read_text())
+    meta, body = front_matter(write_model_card(folder, _recipe(tmp_path, path="my.json"), CausalLM(), None).read_text())
     assert "datasets" not in meta
     assert "alpaca from my.json" in body
     assert "## Results" not in body  # nothing measured yet
 
 
-def test_merged_seq2seq_card_loads_without_peft(tmp_path):
-    from transformers import T5Config
-
-    T5Config(d_model=64, num_layers=1, num_heads=2).save_pretrained(tmp_path)
-    meta, body = front_matter(write_model_card(tmp_path, _recipe(tmp_path), METRICS, merged=True).read_text())
+def test_full_finetune_seq2seq_card_loads_without_peft(tmp_path):
+    recipe = validate_recipe(
+        {"output_dir": str(tmp_path), "model": {"name_or_path": "t5-small"}, "quantization": {"bits": 16},
+         "lora": {"enabled": False}}
+    )  # fmt: skip
+    meta, body = front_matter(write_model_card(tmp_path, recipe, Seq2SeqLM(), METRICS).read_text())
     assert meta["library_name"] == "transformers"
     assert meta["pipeline_tag"] == "text2text-generation"
-    assert "merged" in meta["tags"]
     assert f'AutoModelForSeq2SeqLM.from_pretrained("{tmp_path}"' in body
     assert "PeftModel" not in body
 
@@ -86,7 +87,7 @@ def test_card_replaces_peft_template_and_hub_parser_reads_it(tmp_path):
 
     folder = _adapter_folder(tmp_path, task_type="SEQ_2_SEQ_LM")
     (folder / "README.md").write_text("---\nlibrary_name: peft\n---\n[More Information Needed]\n")
-    write_model_card(folder, _recipe(tmp_path), METRICS)
+    write_model_card(folder, _recipe(tmp_path), Seq2SeqLM(), METRICS)
     card = ModelCard.load(folder / "README.md")
     assert card.data.base_model == "huggyllama/llama-7b"
     assert card.data.pipeline_tag == "text2text-generation"
@@ -94,11 +95,6 @@ def test_card_replaces_peft_template_and_hub_parser_reads_it(tmp_path):
 
 
 def test_full_finetune_card_describes_a_whole_model(tmp_path):
-    from transformers import LlamaConfig
-
-    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2).save_pretrained(
-        tmp_path
-    )
     recipe = validate_recipe(
         {
             "output_dir": str(tmp_path),
@@ -107,7 +103,7 @@ def test_full_finetune_card_describes_a_whole_model(tmp_path):
             "lora": {"enabled": False},
         }
     )
-    meta, body = front_matter(write_model_card(tmp_path, recipe, METRICS).read_text())
+    meta, body = front_matter(write_model_card(tmp_path, recipe, CausalLM(), METRICS).read_text())
     assert meta["library_name"] == "transformers"
     assert "full-finetune" in meta["tags"] and "lora" not in meta["tags"]
     assert f'AutoModelForCausalLM.from_pretrained("{tmp_path}"' in body

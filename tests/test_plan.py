@@ -127,7 +127,7 @@ def test_layer_activations_are_what_autograd_saves(bits, lora_overrides):
 
     recipe = default_recipe("builtin:tiny-llama", [f"quantization.bits={bits}", "lora.r=8", *lora_overrides])
     loaded = load_model(recipe.model, recipe.quantization)
-    model = add_lora(loaded.model, recipe.lora, seq2seq=False) if recipe.lora.enabled else loaded.model
+    model = add_lora(loaded.model, recipe.lora, kind=loaded.kind) if recipe.lora.enabled else loaded.model
     model.train()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}

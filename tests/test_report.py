@@ -11,7 +11,7 @@ from tests.conftest import REPO, run_cli
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """One real `qlora train` (4 steps, logged every step, eval every 2, tensorboard on), shared by this module."""
-    from qlora_cli.demo import resolve_builtin_model
+    from qlora_cli.builtin import resolve_builtin_model
 
     out = tmp_path_factory.mktemp("run") / "tiny"
     result = run_cli(
@@ -37,7 +37,7 @@ def tiny_run(tmp_path_factory):
 
 
 def _logged(run_dir, key):
-    history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
+    history = json.loads((run_dir / "log_history.json").read_text())
     return [entry["step"] for entry in history if key in entry]
 
 

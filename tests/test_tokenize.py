@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from qlora_cli.config import DataConfig
 from qlora_cli.data.tokenize import IGNORE_INDEX, PaddingCollator, tokenize_example
+from qlora_cli.model_kind import CausalLM, Seq2SeqLM
 from tests.data_fixtures import tokenizer  # noqa: F401  (fixture)
 
 
@@ -12,7 +13,7 @@ def ids(tok, text):
 
 
 def test_source_gets_bos_and_is_masked_target_gets_eos_and_is_trained(tokenizer):
-    row = tokenize_example(tokenizer, "Repeat: apple", "apple", DataConfig(), seq2seq=False)
+    row = tokenize_example(tokenizer, "Repeat: apple", "apple", DataConfig(), kind=CausalLM())
     src, tgt = ids(tokenizer, "Repeat: apple"), ids(tokenizer, "apple")
     assert row["input_ids"] == [tokenizer.bos_token_id, *src, *tgt, tokenizer.eos_token_id]
     assert row["labels"] == [IGNORE_INDEX] * (len(src) + 1) + [*tgt, tokenizer.eos_token_id]
@@ -21,14 +22,14 @@ def test_source_gets_bos_and_is_masked_target_gets_eos_and_is_trained(tokenizer)
 
 
 def test_train_on_source_trains_every_token(tokenizer):
-    row = tokenize_example(tokenizer, "Repeat: apple", "apple", DataConfig(train_on_source=True), seq2seq=False)
+    row = tokenize_example(tokenizer, "Repeat: apple", "apple", DataConfig(train_on_source=True), kind=CausalLM())
     assert row["labels"] == row["input_ids"]
 
 
 def test_a_long_source_is_cut_without_eating_the_target(tokenizer):
     source = " ".join(["river stone cloud"] * 50)
     cfg = DataConfig(source_max_len=8, target_max_len=16)
-    row = tokenize_example(tokenizer, source, "apple river", cfg, seq2seq=False)
+    row = tokenize_example(tokenizer, source, "apple river", cfg, kind=CausalLM())
     target = [*ids(tokenizer, "apple river"), tokenizer.eos_token_id]
     assert row["source_tokens"] == 8 and row["truncated"]
     assert row["input_ids"][:8] == [tokenizer.bos_token_id, *ids(tokenizer, source)[:7]]
@@ -37,14 +38,14 @@ def test_a_long_source_is_cut_without_eating_the_target(tokenizer):
 
 def test_a_long_target_is_cut_to_target_max_len(tokenizer):
     target = " ".join(["zebra honey"] * 40)
-    row = tokenize_example(tokenizer, "Say it.", target, DataConfig(target_max_len=5), seq2seq=False)
+    row = tokenize_example(tokenizer, "Say it.", target, DataConfig(target_max_len=5), kind=CausalLM())
     assert row["target_tokens"] == 5 and row["truncated"]
     assert row["labels"][-5:] == ids(tokenizer, target)[:5]  # EOS is the part that goes
     assert sum(label != IGNORE_INDEX for label in row["labels"]) == 5
 
 
 def test_seq2seq_encoder_gets_source_and_eos_labels_are_the_target(tokenizer):
-    row = tokenize_example(tokenizer, "Repeat: apple", "apple", DataConfig(), seq2seq=True)
+    row = tokenize_example(tokenizer, "Repeat: apple", "apple", DataConfig(), kind=Seq2SeqLM())
     assert row["input_ids"] == [*ids(tokenizer, "Repeat: apple"), tokenizer.eos_token_id]
     assert row["labels"] == [*ids(tokenizer, "apple"), tokenizer.eos_token_id]
     assert row["length"] == len(row["input_ids"]) + len(row["labels"])

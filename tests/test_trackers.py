@@ -7,7 +7,7 @@ import pytest
 
 from qlora_cli import __version__
 from qlora_cli.errors import QloraError
-from qlora_cli.train import check_trackers
+from qlora_cli.preflight import check_trackers
 from tests.conftest import REPO
 
 DEMO = str(REPO / "configs/demo.yaml")

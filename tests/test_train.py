@@ -6,8 +6,13 @@ import math
 import pytest
 import torch
 
+from qlora_cli.errors import QloraError
+from qlora_cli.run_folder import LOG_HISTORY_FILE, RECIPE_FILE
+from qlora_cli.train import check_recipe_drift
+
 from tests.conftest import REPO, run_cli
 from tests.data_fixtures import hendrycks  # noqa: F401 (fixture)
+from tests.tiny import fake_checkpoint, tiny_recipe
 
 DEMO = str(REPO / "configs" / "demo.yaml")
 QUICK = [
@@ -79,12 +84,11 @@ def test_adapter_loads_on_the_nf4_base_and_changes_the_output(run):
         assert hasattr(model.get_submodule(layer_name.removesuffix(".base_layer")), "lora_A")
     assert not hasattr(model.get_output_embeddings(), "lora_A")
 
-    batch = loaded.tokenizer(["Repeat the words. apple river"], return_tensors="pt")
-    kwargs = {"decoder_input_ids": torch.zeros((1, 1), dtype=torch.long)} if loaded.seq2seq else {}
+    batch = loaded.batch(loaded.prompt_ids(["Repeat the words. apple river"]))
     with torch.no_grad():
-        adapted = model(**batch, **kwargs).logits
+        adapted = loaded.kind.next_token_logits(model, batch)
         with model.disable_adapter():
-            base = model(**batch, **kwargs).logits
+            base = loaded.kind.next_token_logits(model, batch)
     assert torch.isfinite(adapted).all()
     assert (adapted - base).abs().max() > 1e-4
 
@@ -110,7 +114,7 @@ def test_evaluation_during_training_does_not_change_what_is_trained(cli, tmp_pat
     )  # fmt: skip
     assert code == 0, err
     assert "autograd kernel was not registered" not in err
-    history = json.loads((evaluated / "trainer_state.json").read_text())["log_history"]
+    history = json.loads((evaluated / LOG_HISTORY_FILE).read_text())
     assert sum("eval_loss" in e for e in history) == 3 and sum("mmlu_accuracy" in e for e in history) == 3
     code, _, err = cli("train", *common, f"output_dir={plain}")
     assert code == 0, err
@@ -118,3 +122,25 @@ def test_evaluation_during_training_does_not_change_what_is_trained(cli, tmp_pat
     assert with_eval.keys() == without.keys()
     for name, tensor in with_eval.items():
         torch.testing.assert_close(tensor, without[name], atol=1e-6, rtol=0, msg=name)
+
+
+# --------------------------------------------------------------------------- resuming with another recipe
+
+
+
+
+def test_changed_recipe_refuses_unless_forced(tmp_path, capsys):
+    checkpoint = fake_checkpoint(tmp_path, 4)
+    (checkpoint / RECIPE_FILE).write_text(tiny_recipe().to_yaml())
+    check_recipe_drift(checkpoint, tiny_recipe(logging_steps=3), force=False)  # not a training change
+    with pytest.raises(QloraError, match=r"training.max_steps: 10 -> 20.*--force"):
+        check_recipe_drift(checkpoint, tiny_recipe(max_steps=20), force=False)
+    check_recipe_drift(checkpoint, tiny_recipe(max_steps=20), force=True)
+    assert "training.max_steps: 10 -> 20" in capsys.readouterr().err
+
+
+def test_drift_falls_back_to_the_run_folders_recipe(tmp_path):
+    checkpoint = fake_checkpoint(tmp_path, 4)
+    (tmp_path / RECIPE_FILE).write_text(tiny_recipe(seed=1).to_yaml())
+    with pytest.raises(QloraError, match="training.seed: 1 -> 42"):
+        check_recipe_drift(checkpoint, tiny_recipe(), force=False)

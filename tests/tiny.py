@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -39,3 +40,22 @@ def write_recipe(folder: Path, name: str = "tiny.yaml", **sections: dict) -> Pat
     path = folder / name
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+def tiny_recipe(**training):
+    """TINY_RECIPE as a validated Recipe, with `training` fields changed."""
+    from qlora_cli.config import validate_recipe
+
+    raw = yaml.safe_load(yaml.safe_dump(TINY_RECIPE))
+    raw["training"].update(training)
+    return validate_recipe(raw)
+
+
+def fake_checkpoint(run: Path, step: int, *, complete: bool = True) -> Path:
+    """A checkpoint-N folder as the Trainer leaves it; without trainer_state.json when the save was cut short."""
+    folder = run / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "adapter_model.safetensors").write_bytes(b"weights")
+    if complete:
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return folder

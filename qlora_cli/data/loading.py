@@ -13,6 +13,7 @@ from qlora_cli.config import DataConfig
 from qlora_cli.data.formats import FORMATS, DatasetFormat, SkipRecord
 from qlora_cli.data.tokenize import tokenize_batch
 from qlora_cli.errors import QloraError
+from qlora_cli.model_kind import ModelKind
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 NO_TARGET_LEFT = "no target tokens left after truncation"
@@ -29,7 +30,7 @@ class PreparedData:
         return sum(self.train["truncated"]) + (sum(self.eval["truncated"]) if self.eval is not None else 0)
 
 
-def prepare_data(cfg: DataConfig, tokenizer: Any, *, seq2seq: bool, seed: int) -> PreparedData:
+def prepare_data(cfg: DataConfig, tokenizer: Any, *, kind: ModelKind, seed: int) -> PreparedData:
     fmt = FORMATS[cfg.dataset].for_tokenizer(tokenizer)
     train, evaluation = load_raw(cfg, fmt)
     skipped: Counter = Counter()
@@ -52,7 +53,7 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, *, seq2seq: bool, seed: int) -
         evaluation = evaluation.select(range(min(cfg.max_eval_samples, len(evaluation))))
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
-        return tokenize_batch(tokenizer, batch, cfg, seq2seq=seq2seq)
+        return tokenize_batch(tokenizer, batch, cfg, kind=kind)
 
     train = _drop_untrained(train.map(tokenize, batched=True, desc="Tokenizing train"), skipped)
     if evaluation is not None:
@@ -90,7 +91,7 @@ def load_raw(cfg: DataConfig, fmt: DatasetFormat) -> tuple[Any, Any | None]:
 
 def local_files(cfg: DataConfig) -> tuple[list[str], list[str]]:
     """(train files, eval files): a folder's files named for a validation or test split are held out."""
-    from qlora_cli.demo import resolve_builtin_data
+    from qlora_cli.builtin import resolve_builtin_data
 
     names = [cfg.path] if cfg.path else list(cfg.data_files or [])
     train: list[str] = []

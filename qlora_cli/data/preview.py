@@ -11,6 +11,7 @@ from typing import Any, Iterator
 
 from qlora_cli.config import Recipe
 from qlora_cli.data.loading import PreparedData, prepare_data
+from qlora_cli.model_kind import ModelKind
 
 
 @dataclass
@@ -18,18 +19,18 @@ class DataPreview:
     recipe: Recipe
     data: PreparedData
     tokenizer: Any
-    seq2seq: bool
+    kind: ModelKind
     rows: list[dict[str, Any]]  # the first N training examples, tokenized
 
 
 def preview_data(recipe: Recipe, num: int) -> DataPreview:
-    from qlora_cli.model import is_seq2seq_model, load_tokenizer
+    from qlora_cli.model import load_tokenizer, model_kind
 
     tokenizer = load_tokenizer(recipe.model)
-    seq2seq = is_seq2seq_model(recipe.model)
-    data = prepare_data(recipe.data, tokenizer, seq2seq=seq2seq, seed=recipe.training.seed)
+    kind = model_kind(recipe.model)
+    data = prepare_data(recipe.data, tokenizer, kind=kind, seed=recipe.training.seed)
     rows = list(data.train.select(range(min(num, len(data.train)))))
-    return DataPreview(recipe, data, tokenizer, seq2seq, rows)
+    return DataPreview(recipe, data, tokenizer, kind, rows)
 
 
 def json_lines(preview: DataPreview) -> Iterator[str]:
@@ -46,7 +47,7 @@ def summary(preview: DataPreview) -> str:
     eval_n = len(data.eval) if data.eval is not None else 0
     skipped = sum(data.skipped.values())
     reasons = f" ({', '.join(f'{n} {reason}' for reason, n in data.skipped.most_common())})" if skipped else ""
-    loss_on = "source and target" if cfg.train_on_source and not preview.seq2seq else "the target only"
+    loss_on = "source and target" if cfg.train_on_source and preview.kind.can_train_on_source else "the target only"
     return (
         f"{cfg.dataset} from {where}: {len(data.train):,} train and {eval_n:,} eval examples; "
         f"{data.truncated:,} truncated, {skipped:,} skipped{reasons}\n"
@@ -56,14 +57,11 @@ def summary(preview: DataPreview) -> str:
 
 def text_report(preview: DataPreview) -> str:
     """Each example as the token ids decode back, so truncation and BOS/EOS show as they will be trained."""
-    source_trained = preview.recipe.data.train_on_source and not preview.seq2seq
+    source_trained = preview.recipe.data.train_on_source and preview.kind.can_train_on_source
     blocks = [summary(preview)]
     for number, row in enumerate(preview.rows, start=1):
         n_source = row["source_tokens"]
-        if preview.seq2seq:
-            source_ids, target_ids = row["input_ids"], row["labels"]
-        else:
-            source_ids, target_ids = row["input_ids"][:n_source], row["input_ids"][n_source:]
+        source_ids, target_ids = preview.kind.source_and_target(row)
         source_mark = "trained" if source_trained else "masked"
         header = (
             f"── example {number}: source {n_source} tokens ({source_mark}), "

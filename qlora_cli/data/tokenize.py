@@ -8,51 +8,35 @@ from typing import Any
 import torch
 
 from qlora_cli.config import DataConfig
+from qlora_cli.model_kind import IGNORE_INDEX, ModelKind
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "PaddingCollator", "tokenize_batch", "tokenize_example"]
 
 
-def tokenize_example(
-    tokenizer: Any, source: str, target: str, cfg: DataConfig, *, seq2seq: bool
-) -> dict[str, Any]:
+def tokenize_example(tokenizer: Any, source: str, target: str, cfg: DataConfig, *, kind: ModelKind) -> dict[str, Any]:
     """Source and target are truncated separately, so a long source never eats the target."""
     src = tokenizer(source, add_special_tokens=False)["input_ids"]
     tgt = tokenizer(target, add_special_tokens=False)["input_ids"]
-    return _assemble(tokenizer, src, tgt, cfg, seq2seq)
+    return _assemble(tokenizer, src, tgt, cfg, kind)
 
 
-def tokenize_batch(tokenizer: Any, batch: dict[str, list], cfg: DataConfig, *, seq2seq: bool) -> dict[str, list]:
+def tokenize_batch(tokenizer: Any, batch: dict[str, list], cfg: DataConfig, *, kind: ModelKind) -> dict[str, list]:
     sources = tokenizer(batch["source"], add_special_tokens=False)["input_ids"]
     targets = tokenizer(batch["target"], add_special_tokens=False)["input_ids"]
-    rows = [_assemble(tokenizer, s, t, cfg, seq2seq) for s, t in zip(sources, targets)]
+    rows = [_assemble(tokenizer, s, t, cfg, kind) for s, t in zip(sources, targets)]
     return {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
 
 
-def source_ids(tokenizer: Any, source_tokens: list[int], *, seq2seq: bool) -> list[int]:
-    """The special tokens around a source: BOS first for decoder-only models, EOS last for seq2seq."""
-    if seq2seq:
-        return source_tokens + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
-    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + source_tokens
-
-
-def _assemble(tokenizer: Any, src: list[int], tgt: list[int], cfg: DataConfig, seq2seq: bool) -> dict[str, Any]:
-    src = source_ids(tokenizer, src, seq2seq=seq2seq)
+def _assemble(tokenizer: Any, src: list[int], tgt: list[int], cfg: DataConfig, kind: ModelKind) -> dict[str, Any]:
+    src = kind.source_ids(tokenizer, src)
     tgt = tgt + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
-    source_truncated = len(src) > cfg.source_max_len
-    target_truncated = len(tgt) > cfg.target_max_len
+    truncated = len(src) > cfg.source_max_len or len(tgt) > cfg.target_max_len
     src, tgt = src[: cfg.source_max_len], tgt[: cfg.target_max_len]
-    if seq2seq:
-        input_ids, labels = src, tgt
-    else:
-        input_ids = src + tgt
-        labels = (src if cfg.train_on_source else [IGNORE_INDEX] * len(src)) + tgt
     return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "length": len(input_ids) + (len(labels) if seq2seq else 0),
+        **kind.training_example(src, tgt, train_on_source=cfg.train_on_source),
         "source_tokens": len(src),
         "target_tokens": len(tgt),
-        "truncated": source_truncated or target_truncated,
+        "truncated": truncated,
     }
 
 

@@ -24,9 +24,8 @@ import torch
 from transformers import TrainerCallback
 
 from qlora_cli.config import MmluEvalConfig, ModelConfig, QuantizationConfig
-from qlora_cli.data.tokenize import PaddingCollator, source_ids
 from qlora_cli.errors import QloraError
-from qlora_cli.model import load_for_inference
+from qlora_cli.model import LoadedModel, load_for_inference
 
 HUB_ID = "cais/mmlu"
 LETTERS = ("A", "B", "C", "D")
@@ -251,11 +250,9 @@ def letter_token_ids(tokenizer: Any) -> list[int]:
 
 @torch.no_grad()
 def score_prompts(
-    model: Any,
-    tokenizer: Any,
+    loaded: LoadedModel,
     prompts: list[str],
     *,
-    seq2seq: bool,
     batch_size: int,
     groups: list[Hashable] | None = None,
     progress: bool = False,
@@ -268,15 +265,13 @@ def score_prompts(
     longest first and padded on the left, with position ids counted over real tokens only, so every row's
     last position is exactly its own prompt's end. Seq2seq models score the first decoder token.
     """
-    letters = letter_token_ids(tokenizer)
-    encoded = [
-        source_ids(tokenizer, ids, seq2seq=seq2seq)
-        for ids in tokenizer(prompts, add_special_tokens=False, verbose=False)["input_ids"]
-    ]
+    model, kind = loaded.model, loaded.kind
+    letters = letter_token_ids(loaded.tokenizer)
+    encoded = loaded.prompt_ids(prompts)
     accepts = _forward_arguments(model)
     cache_argument = cache_argument_name(accepts)
     members: dict[Hashable, list[int]] = defaultdict(list)
-    if groups is not None and not seq2seq and cache_argument:
+    if groups is not None and kind.shares_prompt_prefixes and cache_argument:
         for i, key in enumerate(groups):
             members[key].append(i)
     pooled = [] if members else list(range(len(prompts)))
@@ -289,8 +284,6 @@ def score_prompts(
             pooled += rows
     plan += _batches(pooled, encoded, batch_size, 0)
 
-    collate = PaddingCollator(tokenizer.pad_token_id, padding_side="right" if seq2seq else "left")
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     out = torch.empty(len(prompts), len(LETTERS))
@@ -300,21 +293,18 @@ def score_prompts(
 
         plan = tqdm(plan, desc="MMLU", unit="batch", dynamic_ncols=True)
     for shared, rows in plan:
-        batch = {k: v.to(device) for k, v in collate([{"input_ids": encoded[i][shared:]} for i in rows]).items()}
-        if seq2seq:
-            start_id = model.config.decoder_start_token_id
-            batch["decoder_input_ids"] = torch.full((len(rows), 1), start_id, dtype=torch.long, device=device)
-        else:
+        batch = loaded.batch([encoded[i][shared:] for i in rows])
+        if kind.shares_prompt_prefixes:
             positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
             if shared:
                 prefix = tuple(encoded[rows[0]][:shared])
                 if prefix != prefix_key:
-                    ids = torch.tensor([prefix], device=device)
+                    ids = torch.tensor([prefix], device=loaded.device)
                     keep = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
                     prefix_key, prefix_cache = prefix, model(input_ids=ids, use_cache=True, **keep)[cache_argument]
                 cache = copy.deepcopy(prefix_cache)
                 cache.batch_repeat_interleave(len(rows))
-                ones = torch.ones(len(rows), shared, dtype=torch.long, device=device)
+                ones = torch.ones(len(rows), shared, dtype=torch.long, device=loaded.device)
                 batch.update(
                     {cache_argument: cache, "use_cache": True},
                     attention_mask=torch.cat([ones, batch["attention_mask"]], 1),
@@ -324,7 +314,7 @@ def score_prompts(
                 batch["position_ids"] = positions
             if "logits_to_keep" in accepts:
                 batch["logits_to_keep"] = 1
-        logits = model(**batch).logits[:, 0 if seq2seq else -1, :]
+        logits = kind.next_token_logits(model, batch)
         out[rows] = logits[:, letters].float().cpu()
     if was_training:
         model.train()
@@ -433,16 +423,12 @@ def summarize(items: list[Item], logits: torch.Tensor) -> MmluResult:
     return MmluResult(dict(sorted(subjects.items())), ordered, questions, predictions)
 
 
-def evaluate(
-    model: Any, tokenizer: Any, items: list[Item], *, seq2seq: bool, batch_size: int, progress: bool = False
-) -> MmluResult:
+def evaluate(loaded: LoadedModel, items: list[Item], *, batch_size: int, progress: bool = False) -> MmluResult:
     if not items:
         raise QloraError("no MMLU questions to evaluate (check --subjects, --limit and --data)")
     logits = score_prompts(
-        model,
-        tokenizer,
+        loaded,
         [i.prompt for i in items],
-        seq2seq=seq2seq,
         batch_size=batch_size,
         groups=[(i.subject, i.shots) for i in items],
         progress=progress,
@@ -462,9 +448,7 @@ def run_mmlu(
     """`qlora eval mmlu`: load the model (and adapter), build the prompts, score, write the files asked for."""
     loaded = load_for_inference(model_cfg, quant, adapter)
     items = load_items(cfg, loaded.tokenizer)
-    result = evaluate(
-        loaded.model, loaded.tokenizer, items, seq2seq=loaded.seq2seq, batch_size=cfg.batch_size, progress=True
-    )
+    result = evaluate(loaded, items, batch_size=cfg.batch_size, progress=True)
     settings = {
         "model": model_cfg.name_or_path,
         "adapter": adapter,
@@ -520,19 +504,19 @@ class MmluCallback(TrainerCallback):
     """Every `every_n_steps`, score MMLU with the model being trained and log it with the other metrics.
 
     Holds the trainer to log through it (as the paper's callback does), so the numbers reach
-    `log_history` and every tracker. Every process scores the same questions, so none is left waiting
-    for the others at the next training step.
+    `log_history` and every tracker; the time it takes is not counted as training (`trainer.paused_clock`).
+    Every process scores the same questions, so none is left waiting for the others at the next step.
     """
 
-    def __init__(self, trainer: Any, cfg: MmluEvalConfig, *, seq2seq: bool) -> None:
+    def __init__(self, trainer: Any, loaded: LoadedModel, cfg: MmluEvalConfig) -> None:
         self.trainer = trainer
+        self.loaded = loaded  # holds the model being trained
         self.cfg = cfg
-        self.seq2seq = seq2seq
-        self.items = load_items(cfg, trainer.processing_class)  # fail before training, not at step N
+        self.items = load_items(cfg, loaded.tokenizer)  # fail before training, not at step N
 
-    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.global_step % self.cfg.every_n_steps:
             return
-        tokenizer = self.trainer.processing_class
-        result = evaluate(model, tokenizer, self.items, seq2seq=self.seq2seq, batch_size=self.cfg.batch_size)
+        with self.trainer.paused_clock():
+            result = evaluate(self.loaded, self.items, batch_size=self.cfg.batch_size)
         self.trainer.log(result.metrics())

@@ -1,0 +1,279 @@
+"""A run's output_dir: every file name in it, how checkpoints are found, and how files are written safely.
+
+Every command that reads or writes a run goes through here, so a name is defined once and "is this a
+run / a checkpoint?" has one answer. Checkpoints are complete or absent: the Trainer writes a checkpoint
+into `.staging/`, and it is renamed into place only once all of it is on disk (`publish`).
+
+    output_dir/
+      recipe.yaml                the resolved recipe: what makes a folder a run
+      checkpoint-N/              adapter, optimizer, scheduler, RNG states, trainer_state.json (written last),
+                                 recipe.yaml
+      adapter_model.safetensors  the final adapter (or model), tokenizer, metrics.json, log_history.json,
+      adapter_config.json        report.md + figures/, README.md (the model card)
+      completed                  written last: the run finished
+      .staging/                  saves in progress; cleared when a run starts
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from qlora_cli.config import Recipe, load_recipe
+from qlora_cli.errors import QloraError
+
+RECIPE_FILE = "recipe.yaml"
+METRICS_FILE = "metrics.json"
+LOG_HISTORY_FILE = "log_history.json"  # the Trainer keeps its log history only inside checkpoints
+COMPLETED_FILE = "completed"
+REPORT_FILE = "report.md"
+FIGURES_DIR = "figures"
+CARD_FILE = "README.md"
+MERGE_REPORT_FILE = "merge_report.json"  # what makes a folder a merged model
+STAGING_DIR = ".staging"
+TRAINER_STATE_FILE = "trainer_state.json"  # the Trainer writes it last: a checkpoint without it is incomplete
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+CHECKPOINT_PREFIX = "checkpoint-"
+_CHECKPOINT = re.compile(rf"{CHECKPOINT_PREFIX}(\d+)")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step}"
+
+
+def checkpoint_step(path: Path) -> int | None:
+    match = _CHECKPOINT.fullmatch(path.name)
+    return int(match[1]) if match else None
+
+
+def trained_steps(checkpoint: Path) -> int | None:
+    """The checkpoint's global step, or None when it is incomplete."""
+    try:
+        state = json.loads((checkpoint / TRAINER_STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    step = state.get("global_step") if isinstance(state, dict) else None
+    return step if isinstance(step, int) else None
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A `checkpoint-N` folder, or one moved elsewhere: the Trainer's state file is what only checkpoints hold."""
+    return checkpoint_step(path) is not None or (path / TRAINER_STATE_FILE).exists()
+
+
+def has_adapter(folder: Path) -> bool:
+    return (Path(folder) / ADAPTER_CONFIG_FILE).is_file()
+
+
+def find_recipe_file(folder: Path) -> Path | None:
+    """The recipe a folder was trained with: beside it (a run, a merged model), or one level up (a checkpoint)."""
+    folder = Path(folder)
+    candidates = [folder / RECIPE_FILE]
+    if checkpoint_step(folder) is not None:
+        candidates.append(folder.parent / RECIPE_FILE)
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def read_recipe(folder: Path) -> Recipe | None:
+    """The recipe beside `folder` (see find_recipe_file), or None for a folder qlora did not train."""
+    found = find_recipe_file(folder)
+    return load_recipe(found) if found else None
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def recipe_file(self) -> Path:
+        return self.path / RECIPE_FILE
+
+    @property
+    def staging(self) -> Path:
+        return self.path / STAGING_DIR
+
+    def is_run(self) -> bool:
+        return self.recipe_file.is_file()
+
+    def is_completed(self) -> bool:
+        return (self.path / COMPLETED_FILE).exists()
+
+    def is_empty(self) -> bool:
+        return not self.path.exists() or not any(self.path.iterdir())
+
+    def checkpoint(self, step: int) -> Path:
+        return self.path / checkpoint_name(step)
+
+    def checkpoints(self, *, complete: bool = True) -> list[Path]:
+        """checkpoint-N folders, oldest step first; only complete ones unless `complete=False`."""
+        if not self.path.is_dir():
+            return []
+        found = [p for p in self.path.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+        return sorted((p for p in found if not complete or trained_steps(p) is not None), key=checkpoint_step)
+
+    def latest_checkpoint(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    # ------------------------------------------------------------------ what training leaves
+
+    def write_recipe(self, recipe_yaml: str) -> None:
+        self.recipe_file.write_text(recipe_yaml)
+
+    def read_metrics(self) -> dict[str, Any] | None:
+        """metrics.json, written when training ends; None while a run is unfinished."""
+        file = self.path / METRICS_FILE
+        return _read_json(file) if file.is_file() else None
+
+    def log_history(self) -> list[dict[str, Any]]:
+        """The finished run's log history, else the newest checkpoint's (a run still in progress)."""
+        candidates = [self.path / LOG_HISTORY_FILE]
+        candidates += [c / TRAINER_STATE_FILE for c in reversed(self.checkpoints(complete=False))]
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
+            raise QloraError(f"{self.path}: no log history in the run or its checkpoints yet; nothing to report")
+        history = _read_json(found)
+        if found.name == TRAINER_STATE_FILE:
+            history = history.get("log_history") if isinstance(history, dict) else None
+        if not isinstance(history, list):
+            raise QloraError(f"{found}: holds no log history (a list of logged entries)")
+        return history
+
+    def mark_completed(self) -> None:
+        (self.path / COMPLETED_FILE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
+
+    # ------------------------------------------------------------------ writing safely
+
+    def clear_staging(self) -> None:
+        """Remove what a crashed save left behind; it was never published, so nothing of value is lost."""
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def staged_checkpoint(self, step: int) -> Path:
+        return self.staging / checkpoint_name(step)
+
+    def publish_checkpoint(self, step: int, recipe_yaml: str, keep: int | None) -> Path:
+        """Move a fully written staged checkpoint into place, with its recipe; then keep the newest `keep`."""
+        staged = self.staged_checkpoint(step)
+        (staged / RECIPE_FILE).write_text(recipe_yaml)
+        target = self.checkpoint(step)
+        publish(staged, target)
+        if keep is not None:
+            for old in self.checkpoints()[:-keep]:
+                self._remove(old)
+        return target
+
+    def _remove(self, checkpoint: Path) -> None:
+        """Move out of sight first, so a crash while deleting never leaves a half-deleted checkpoint-N."""
+        self.staging.mkdir(exist_ok=True)
+        doomed = self.staging / f"{checkpoint.name}.removed"
+        checkpoint.rename(doomed)
+        shutil.rmtree(doomed)
+
+    @contextmanager
+    def final_files(self) -> Iterator[Path]:
+        """Write the run's final files into a staged folder, then rename each into the run folder."""
+        staged = self.staging / "final"
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir(parents=True)
+        try:
+            yield staged
+            for file in sorted(staged.iterdir()):
+                _fsync(file)
+                os.replace(file, self.path / file.name)
+        except Exception as exc:
+            raise QloraError(self.save_failure(exc, staged, "the final adapter")) from exc
+        self.clear_staging()
+
+    def save_failure(self, exc: BaseException, staged: Path, what: str) -> str:
+        """One line naming what could not be written, why, and that earlier checkpoints are intact.
+
+        torch.save reports a full disk only as "unexpected pos ...", so little free space counts as full too.
+        """
+        free = shutil.disk_usage(staged.parent if staged.parent.exists() else self.path).free
+        shutil.rmtree(staged, ignore_errors=True)
+        cause = _root_cause(exc)
+        full = _disk_full(exc) or free < 16 * 2**20
+        reason = f"disk full ({free / 2**20:.1f} MiB free)" if full else f"{type(cause).__name__}: {cause}"
+        intact = ", ".join(p.name for p in self.checkpoints()) or "none yet"
+        remedy = "Free some space" if full else "Fix that"
+        return (
+            f"could not write {what} in {self.path}: {reason}. The partial copy was removed; earlier checkpoints "
+            f"are intact ({intact}). {remedy}, then continue with --resume"
+        )
+
+
+def resume_checkpoint(path: Path) -> Path:
+    """`path` itself if it is a checkpoint, else the newest complete checkpoint in the run folder `path`."""
+    path = Path(path)
+    if not path.exists():
+        raise QloraError(f"cannot resume from {path}: no such folder")
+    if is_checkpoint(path):
+        if trained_steps(path) is None:
+            raise QloraError(f"cannot resume from {path}: incomplete checkpoint (no readable {TRAINER_STATE_FILE})")
+        return path
+    run = RunFolder(path)
+    newest = run.latest_checkpoint()
+    skipped = [p for p in run.checkpoints(complete=False) if trained_steps(p) is None]
+    if newest is None:
+        note = f" (skipped incomplete {', '.join(p.name for p in skipped)})" if skipped else ""
+        raise QloraError(
+            f"nothing to resume in {path}: no complete checkpoint{note}; run without --resume to start over"
+        )
+    later = [p.name for p in skipped if checkpoint_step(p) > checkpoint_step(newest)]
+    if later:
+        print(f"Skipping incomplete {', '.join(later)}; resuming from {newest.name}", file=sys.stderr)
+    return newest
+
+
+def publish(staged: Path, target: Path) -> None:
+    """Flush a fully written folder to disk and rename it to `target`, replacing an older one atomically."""
+    for file in staged.rglob("*"):
+        if file.is_file():
+            _fsync(file)
+    if target.exists():
+        replaced = staged.with_name(staged.name + ".replaced")
+        target.rename(replaced)
+        staged.rename(target)
+        shutil.rmtree(replaced)
+    else:
+        staged.rename(target)
+
+
+def _fsync(file: Path) -> None:
+    with open(file, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _read_json(file: Path) -> Any:
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise QloraError(f"{file}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return exc
+
+
+def _disk_full(exc: BaseException | None) -> bool:
+    while exc is not None:
+        if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

@@ -1,0 +1,281 @@
+"""The Hugging Face Trainer with what a QLoRA run needs inside it, each through one overridable method.
+
+As TRL's SFTTrainer does, the additions live in one subclass instead of callbacks that must run in a
+given order:
+
+- `_get_output_dir`, `_save_checkpoint`: the Trainer writes every checkpoint into `.staging/`; it is
+  published (renamed into place, with its recipe) only once complete, then old ones are pruned.
+- `get_batch_samples`, `log`: each logged training entry gets tokens/s (time in training steps only:
+  evaluation, MMLU and saving pause the clock) and memory in use and at peak.
+- `_get_train_sampler`: the group-by-length order is a function of (seed, epoch), so a resume replays it.
+- `evaluate`: runs on a forked RNG, so evaluating never changes what is trained.
+- `train`: a run already at max_steps is only restored (Trainer would run one step past it), and a failure
+  still closes the progress bar and trackers.
+
+tests/test_trainer.py pins the Trainer behaviour each of these relies on.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from qlora_cli.config import Recipe
+from qlora_cli.data import PaddingCollator, PreparedData
+from qlora_cli.distributed import fsdp_config
+from qlora_cli.errors import QloraError
+from qlora_cli.guards import GracefulStop, NonFiniteLossGuard
+from qlora_cli.memory import MemoryMeter
+from qlora_cli.model import LoadedModel
+from qlora_cli.run_folder import TRAINER_STATE_FILE, RunFolder, checkpoint_name, trained_steps
+
+
+class QloraTrainer(Trainer):
+    def __init__(self, *args: Any, recipe: Recipe, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.recipe = recipe
+        self.run = RunFolder(Path(recipe.output_dir))
+        self.stop = GracefulStop()
+        self.nan_guard = NonFiniteLossGuard(recipe.training.max_bad_steps)
+        self.remove_callback(ProgressCallback)
+        for callback in (self.stop, self.nan_guard, TrainingProgress()):
+            self.add_callback(callback)
+        self._recipe_yaml = recipe.to_yaml()
+        self._clock = StepClock()
+        self._tokens_at_last_log = 0
+        self._memory = MemoryMeter(str(self.args.device))
+
+    # ------------------------------------------------------------------ atomic checkpoints
+
+    def _get_output_dir(self, trial: Any) -> str:
+        """Where the Trainer writes `checkpoint-N` (and looks for old ones to rotate: none, it rotates nothing)."""
+        return str(self.run.staging)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        if self.nan_guard.stopped_at is not None:
+            return  # the step that stopped the run is not one to resume from
+        step = self.state.global_step
+        with self.paused_clock():
+            try:
+                super()._save_checkpoint(model, trial)
+                _barrier()  # every rank has written its RNG state / optimizer shard into the staged folder
+                if self.args.should_save:
+                    self.run.publish_checkpoint(step, self._recipe_yaml, keep=self.recipe.training.save_total_limit)
+            except Exception as exc:
+                staged = self.run.staged_checkpoint(step)
+                raise QloraError(self.run.save_failure(exc, staged, checkpoint_name(step))) from exc
+
+    # ------------------------------------------------------------------ tokens/s and memory per logged step
+
+    def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: Any) -> tuple[list, Any]:
+        """Called at the start of every optimizer step: the clock starts with the first."""
+        if not self._clock.running:
+            self._clock.start()
+            self._tokens_at_last_log = self.state.num_input_tokens_seen
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
+
+    @contextmanager
+    def paused_clock(self) -> Iterator[None]:
+        """Time spent in here does not count as training time (evaluation, MMLU, checkpoints)."""
+        with self._clock.paused():
+            yield
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._clock.running:
+            tokens = self.state.num_input_tokens_seen
+            logs["tokens_per_s"] = round((tokens - self._tokens_at_last_log) / max(self._clock.lap(), 1e-9), 1)
+            logs["memory_bytes"] = self._memory.current()
+            logs["peak_memory_bytes"] = self._memory.peak()
+            self._tokens_at_last_log = tokens
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ seeded length grouping
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):
+            return SeededLengthGroupedSampler(sampler, self.args.seed)
+        return sampler
+
+    # ------------------------------------------------------------------ evaluation and the run itself
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """Starting the eval DataLoader draws its base seed from torch's global generator, which LoRA dropout
+        reads next: without the fork, a run with `eval_steps` trained a different adapter than one without."""
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices), self.paused_clock():
+            return super().evaluate(*args, **kwargs)
+
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any) -> Any:
+        if resume_from_checkpoint is not None:
+            steps = trained_steps(Path(resume_from_checkpoint)) or 0
+            if steps >= self.args.max_steps:  # e.g. the final save had failed
+                return self._restore(resume_from_checkpoint)
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        except Exception:  # the Trainer skips on_train_end when it raises: close the bar and trackers first
+            self.callback_handler.on_train_end(self.args, self.state, self.control)
+            raise
+
+    def _restore(self, checkpoint: str) -> Any:
+        from transformers import TrainerState
+        from transformers.trainer_utils import TrainOutput
+
+        self._load_from_checkpoint(checkpoint)  # the weights, however they were saved (adapter, sharded)
+        self.state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_FILE))
+        return TrainOutput(self.state.global_step, None, {})
+
+
+class SeededLengthGroupedSampler(LengthGroupedSampler):
+    """The Trainer's length-grouped order drawn from (seed, epoch) instead of the global RNG.
+
+    The Trainer draws the order when an epoch starts; after a resume that lands in a later epoch the
+    global RNG is not where the uninterrupted run had it. The Trainer calls `set_epoch` before each epoch.
+    """
+
+    def __init__(self, sampler: LengthGroupedSampler, seed: int) -> None:
+        super().__init__(sampler.batch_size, lengths=sampler.lengths)
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed + int(epoch))
+
+
+class StepClock:
+    """Seconds of training between two laps, leaving out what ran inside `paused()`."""
+
+    def __init__(self) -> None:
+        self.running = False
+        self._lap_started = 0.0
+        self._paused = 0.0
+        self._depth = 0
+
+    def start(self) -> None:
+        self.running, self._lap_started, self._paused = True, time.perf_counter(), 0.0
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        started = time.perf_counter()
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0 and self.running:
+                self._paused += time.perf_counter() - started
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        seconds = now - self._lap_started - self._paused
+        self._lap_started, self._paused = now, 0.0
+        return seconds
+
+
+class TrainingProgress(TrainerCallback):
+    """One progress bar with loss, learning rate and non-padding tokens/s, instead of printed log dicts."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="Training", dynamic_ncols=True)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if self.bar is not None and logs and "mmlu_accuracy" in logs:
+            self.bar.write(f"step {state.global_step}: MMLU {100 * logs['mmlu_accuracy']:.1f}% (mean over subjects)")
+        if self.bar is None or not logs or "loss" not in logs:
+            return
+        rate = logs.get("tokens_per_s", 0)
+        self.bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}", tok_s=f"{rate:.0f}")
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kwargs: Any) -> None:
+        if self.bar is not None and metrics and "eval_loss" in metrics:
+            self.bar.write(f"step {state.global_step}: eval_loss {metrics['eval_loss']:.4f}")
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def training_arguments(recipe: Recipe, compute_dtype: torch.dtype, *, has_eval: bool) -> TrainingArguments:
+    t = recipe.training
+    on_gpu = torch.cuda.is_available()
+    evaluate = has_eval and t.eval_steps is not None
+    return TrainingArguments(
+        output_dir=recipe.output_dir,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float below 1 is a ratio of max_steps
+        max_steps=t.max_steps,
+        optim=t.optim,
+        max_grad_norm=t.max_grad_norm,
+        adam_beta2=t.adam_beta2,
+        weight_decay=t.weight_decay,
+        activation_checkpointing=False,  # enabled (non-reentrant) when the model was loaded
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=None,  # applied when a checkpoint is published (RunFolder.publish_checkpoint)
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=t.eval_steps if evaluate else None,
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to=t.report_to,
+        bf16=on_gpu and compute_dtype == torch.bfloat16,
+        fp16=on_gpu and compute_dtype == torch.float16,
+        use_cpu=not on_gpu,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        ddp_find_unused_parameters=False,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_pin_memory=on_gpu,
+        deepspeed=t.deepspeed,
+        fsdp=t.fsdp,
+        fsdp_config=fsdp_config(t) if t.fsdp else None,
+        log_level_replica="error",
+    )
+
+
+def build_trainer(recipe: Recipe, loaded: LoadedModel, data: PreparedData) -> QloraTrainer:
+    """`loaded.model` is the model to train (with its LoRA adapters)."""
+    args = training_arguments(recipe, loaded.compute_dtype, has_eval=data.eval is not None)
+    trainer = QloraTrainer(
+        model=loaded.model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval if args.eval_strategy != "no" else None,
+        data_collator=PaddingCollator(loaded.tokenizer.pad_token_id),
+        processing_class=loaded.tokenizer,
+        recipe=recipe,
+    )
+    if recipe.eval.mmlu:
+        from qlora_cli.eval.mmlu import MmluCallback
+
+        trainer.add_callback(MmluCallback(trainer, loaded, recipe.eval.mmlu))
+    return trainer
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

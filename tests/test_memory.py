@@ -1,0 +1,27 @@
+"""The one memory meter: what training logs, merge reports and the benchmarks print."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from qlora_cli.memory import MemoryMeter
+
+
+def test_peak_is_never_below_current_and_names_its_kind():
+    meter = MemoryMeter("cpu")
+    assert meter.kind == "process_peak_rss"
+    assert 0 < meter.current() <= meter.peak()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="anonymous memory is read from /proc")
+def test_held_peak_sees_memory_freed_before_the_block_ends():
+    meter = MemoryMeter("cpu")
+    with meter.held_peak(interval_s=0.001) as held:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        block.add_(1)
+        del block
+    assert held.kind == "peak_anonymous_rss"
+    assert held.peak - held.start >= 60 * 2**20
