@@ -7,18 +7,14 @@ from typing import Any, TextIO
 
 from transformers import TextStreamer
 
-from qlora_cli.generate import Generator, Sampling, cut_at_stop
+from qlora_cli.generate import Generator, Sampling, cut_at_stop, possible_stop_start
 
 HELP = "/reset forgets the conversation, /exit (or end of input) quits."
 
 
 @dataclass
 class Conversation:
-    """Past turns rendered the way the model saw conversations in training.
-
-    Guanaco writes a conversation on one line, `### Human: … ### Assistant: … ### Human: …`, so turns of a
-    one-line template are joined by a space; multi-line templates (alpaca) are separated by a blank line.
-    """
+    """Past turns, rendered the way the model saw conversations in training (`Generator.render`)."""
 
     generator: Generator
     turns: list[tuple[str, str]] = field(default_factory=list)
@@ -26,18 +22,15 @@ class Conversation:
     def prompt(self, message: str, max_new_tokens: int) -> str:
         """The history plus the new message; the oldest turns go first when it would not fit the model."""
         while True:
-            parts = [self._turn(user, reply) for user, reply in self.turns]
-            text = self._separator().join([*parts, self.generator.format(message)])
+            messages = [
+                {"role": role, "content": text}
+                for user, reply in self.turns
+                for role, text in (("user", user), ("assistant", reply))
+            ]
+            text = self.generator.render([*messages, {"role": "user", "content": message}])
             if not self.turns or self.generator.fits(text, max_new_tokens):
                 return text
             self.turns.pop(0)
-
-    def _turn(self, user: str, reply: str) -> str:
-        prompt = self.generator.format(user)
-        return prompt + ("" if prompt[-1:].isspace() else " ") + reply
-
-    def _separator(self) -> str:
-        return "\n\n" if "\n" in self.generator.format("") else " "
 
 
 class ReplyStreamer(TextStreamer):
@@ -57,16 +50,11 @@ class ReplyStreamer(TextStreamer):
             self._emit(before_stop.rstrip())
             self.stopped = True
             return
-        held = 0 if stream_end else self._possible_stop_start()
+        held = 0 if stream_end else possible_stop_start(self.pending, self.stop)
         ready = self.pending[: len(self.pending) - held].rstrip()  # whitespace waits for what follows it
         self._emit(ready)
         self.pending = self.pending[len(ready) :]
 
-    def _possible_stop_start(self) -> int:
-        """Length of the longest tail of the pending text that begins some stop string."""
-        tail = self.pending
-        lengths = (n for s in self.stop for n in range(1, min(len(s), len(tail)) + 1) if s.startswith(tail[-n:]))
-        return max(lengths, default=0)
 
     def _emit(self, text: str) -> None:
         if not self.started:

@@ -390,6 +390,45 @@ def chat(
     run_chat(generator, sampling, sys.stdin, sys.stdout, interactive=sys.stdin.isatty())
 
 
+@app.command()
+def serve(
+    adapter: Annotated[
+        Optional[list[str]],
+        typer.Option("--adapter", help="Trained adapter folder, or NAME=FOLDER; repeat it to serve several on one base."),
+    ] = None,
+    model: Annotated[
+        Optional[str], typer.Option(help="A merged or plain model (folder or hub id), or the base for --adapter.")
+    ] = None,
+    config: Annotated[
+        Optional[Path], typer.Option("--config", "-c", help="Recipe: its prompt format, and its run when nothing else is given.")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
+    api_key: Annotated[
+        Optional[str], typer.Option(envvar="QLORA_API_KEY", help="Require `Authorization: Bearer KEY` on /v1/.")
+    ] = None,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="Requests generated together.")] = 16,
+    max_concurrent: Annotated[int, typer.Option(min=1, help="Requests in progress at once; more get 429.")] = 64,
+    max_tokens: Annotated[int, typer.Option(min=1, help="The most tokens one request may ask for.")] = 1024,
+    max_body_bytes: Annotated[int, typer.Option(min=1, help="Largest request body.")] = 1 << 20,
+    print_vllm_command: Annotated[
+        bool, typer.Option("--print-vllm-command", help="Print the vLLM command serving the same, and exit.")
+    ] = False,
+) -> None:
+    """Serve a model and its trained adapters with the OpenAI API: /v1/chat/completions, /v1/completions."""
+    from qlora_cli.serve.models import resolve_target, vllm_command
+
+    target = resolve_target(model, adapter or [], config)
+    if print_vllm_command:
+        typer.echo(vllm_command(target, host=host, port=port, api_key=api_key))
+        return
+    from qlora_cli.serve import serve as run_server
+    from qlora_cli.serve.models import Limits
+
+    limits = Limits(max_concurrent=max_concurrent, max_tokens=max_tokens, max_body_bytes=max_body_bytes)
+    run_server(target, host=host, port=port, api_key=api_key, max_batch_size=max_batch_size, limits=limits)
+
+
 def _print_summary(result) -> None:
     from qlora_cli.run_folder import CARD_FILE, REPORT_FILE
 

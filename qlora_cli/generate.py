@@ -15,7 +15,7 @@ import torch
 
 from qlora_cli.adapter import prompt_format, read_adapter
 from qlora_cli.config import ModelConfig, QuantizationConfig, load_recipe
-from qlora_cli.data.formats import DatasetFormat
+from qlora_cli.data.formats import DatasetFormat, template_conversation
 from qlora_cli.errors import QloraError
 from qlora_cli.model import LoadedModel, load_for_inference
 from qlora_cli.run_folder import read_recipe
@@ -68,6 +68,12 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[: min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))]
 
 
+def possible_stop_start(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest tail of `text` that begins some stop string: text a stream must hold back."""
+    lengths = (n for s in stop for n in range(1, min(len(s), len(text)) + 1) if s.startswith(text[-n:]))
+    return max(lengths, default=0)
+
+
 # --------------------------------------------------------------------------- qlora generate / qlora chat
 
 
@@ -92,6 +98,19 @@ class Generator:
 
     def format(self, text: str) -> str:
         return apply_format(self.prompt_format, text)
+
+    def render(self, messages: list[dict[str, str]]) -> str:
+        """A conversation ending in a user turn, as the recipe's format laid out conversations in training.
+
+        Without a recipe: the tokenizer's chat template when it has one, else the messages as typed.
+        """
+        if self.prompt_format is not None:
+            return self.prompt_format.render_conversation(messages)
+        tokenizer = self.loaded.tokenizer
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return text.removeprefix(tokenizer.bos_token or "\x00")  # tokenization adds BOS
+        return template_conversation(lambda text: text, messages)
 
     @property
     def stop_strings(self) -> list[str]:

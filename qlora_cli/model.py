@@ -180,22 +180,30 @@ def load_for_inference(
     """
     loaded = load_model(cfg, quant, device=device, for_training=False, fast_inference_kernel=not as_trained)
     if adapter is not None:
-        from peft import PeftModel
-
-        if not has_adapter(adapter):
-            raise QloraError(f"{adapter} is not a PEFT adapter folder (no {ADAPTER_CONFIG_FILE})")
-        with refusing_pickled_code(adapter):
-            try:
-                loaded.model = PeftModel.from_pretrained(loaded.model, str(adapter), is_trainable=False)
-            except torch.OutOfMemoryError:
-                raise
-            except (ValueError, RuntimeError) as exc:  # no matching modules / size mismatch
-                lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-                reason = next((line for line in lines if "size mismatch" in line), lines[0] if lines else repr(exc))
-                raise QloraError(f"adapter {adapter} does not fit base model {loaded.source}: {reason}") from None
-        check_adapter_fits(loaded.model, adapter, loaded.source)
-        loaded.model.eval()
+        attach_adapter(loaded, adapter)
     return loaded
+
+
+def attach_adapter(loaded: LoadedModel, adapter: str | os.PathLike, name: str = "default") -> None:
+    """Load a trained LoRA adapter onto `loaded` under `name` (a second one sits beside the first), in eval mode."""
+    from peft import PeftModel
+
+    if not has_adapter(adapter):
+        raise QloraError(f"{adapter} is not a PEFT adapter folder (no {ADAPTER_CONFIG_FILE})")
+    with refusing_pickled_code(adapter):
+        try:
+            if isinstance(loaded.model, PeftModel):
+                loaded.model.load_adapter(str(adapter), adapter_name=name, is_trainable=False)
+            else:
+                loaded.model = PeftModel.from_pretrained(loaded.model, str(adapter), adapter_name=name, is_trainable=False)
+        except torch.OutOfMemoryError:
+            raise
+        except (ValueError, RuntimeError) as exc:  # no matching modules / size mismatch
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            reason = next((line for line in lines if "size mismatch" in line), lines[0] if lines else repr(exc))
+            raise QloraError(f"adapter {adapter} does not fit base model {loaded.source}: {reason}") from None
+    check_adapter_fits(loaded.model, adapter, loaded.source, name)
+    loaded.model.eval()
 
 
 def inference_target(
@@ -222,12 +230,12 @@ def inference_target(
     return model_cfg, quant, adapter
 
 
-def check_adapter_fits(model: Any, adapter: str | os.PathLike, base: str) -> None:
+def check_adapter_fits(model: Any, adapter: str | os.PathLike, base: str, name: str = "default") -> None:
     """peft skips adapter weights with no matching module and leaves unmatched modules untrained; refuse both."""
     from peft.utils import get_peft_model_state_dict, load_peft_weights
 
     saved = set(load_peft_weights(str(adapter), device="cpu"))
-    expected = set(get_peft_model_state_dict(model))
+    expected = set(get_peft_model_state_dict(model, adapter_name=name))
     unused, missing = sorted(saved - expected), sorted(expected - saved)
     if unused:
         raise QloraError(

@@ -14,8 +14,8 @@ class Fits:
         self.generator = Generator(loaded=None, prompt_format=fmt)
         self.limit = limit
 
-    def format(self, text):
-        return self.generator.format(text)
+    def render(self, messages):
+        return self.generator.render(messages)
 
     def fits(self, prompt, max_new_tokens):
         return len(prompt) <= self.limit

@@ -223,6 +223,26 @@ def test_messages_without_a_chat_template_use_the_guanaco_layout(tokenizer):
     assert chat.prompt("Hi") == FORMATS["oasst1"].prompt("Hi")
 
 
+@pytest.mark.parametrize("template", [CHATML, None], ids=["chat-template", "guanaco-layout"])
+def test_a_conversation_to_answer_is_rendered_as_training_rendered_its_sources(tokenizer, template):
+    """What `qlora serve` and `qlora chat` send is, token for token, what the reply was trained after."""
+    tokenizer.chat_template = template
+    try:
+        chat = FORMATS["messages"].for_tokenizer(tokenizer)
+        sources = [example.source for example in chat.examples(CONVERSATION)]
+        asked = [chat.render_conversation(CONVERSATION["messages"][:n]) for n in (2, 4)]
+    finally:
+        tokenizer.chat_template = None
+    assert asked == sources
+
+
+def test_a_guanaco_conversation_is_one_line_as_in_the_oasst1_text():
+    text = FORMATS["oasst1"].render_conversation(CONVERSATION["messages"][:4])
+    assert text == "Be brief. ### Human: Hi ### Assistant: Hello! ### Human: 2+2? ### Assistant:"
+    alpaca = FORMATS["alpaca"].render_conversation(CONVERSATION["messages"][1:4])
+    assert alpaca == FORMATS["alpaca"].prompt("Hi") + "Hello!\n\n" + FORMATS["alpaca"].prompt("2+2?")
+
+
 def test_messages_strip_the_bos_and_eos_that_tokenization_adds(tokenizer):
     ends_with_eos = CHATML.replace("<|im_end|>\n{% endfor %}", "{{ eos_token }}{% endfor %}")
     tokenizer.chat_template = "{{ bos_token }}" + ends_with_eos

@@ -15,7 +15,8 @@ import pytest
 
 from tests.conftest import REPO
 
-MODELS = {"llama": "builtin:tiny-llama", "t5": "builtin:tiny-t5"}
+MODELS = {"llama": "builtin:tiny-llama", "t5": "builtin:tiny-t5", "llama-fast": "builtin:tiny-llama"}
+LEARNING_RATES = {"llama-fast": "3e-3"}  # a second adapter of the same base that answers differently
 
 
 def _artifacts() -> Path:
@@ -28,7 +29,7 @@ def trained_adapter(model: str) -> Path:
         _run_cli_in_process(
             "train", "--config", str(REPO / "configs/demo.yaml"), f"output_dir={out}",
             f"model.name_or_path={MODELS[model]}", "training.max_steps=2", "training.batch_size=2",
-            "training.learning_rate=3e-4", "training.save_steps=100", "data.eval_size=8",
+            f"training.learning_rate={LEARNING_RATES.get(model, '3e-4')}", "training.save_steps=100", "data.eval_size=8",
             "eval.exact_match_samples=0", "--overwrite",
         )  # fmt: skip
     return out
@@ -37,6 +38,11 @@ def trained_adapter(model: str) -> Path:
 @pytest.fixture(scope="module")
 def llama_adapter() -> Path:
     return trained_adapter("llama")
+
+
+@pytest.fixture(scope="module")
+def second_llama_adapter() -> Path:
+    return trained_adapter("llama-fast")
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ class DatasetFormat:
     hub_data_files: str | None = None
     eval_split: str | None = None  # the hub split used for evaluation, when the dataset has one
     bind_tokenizer: Callable[[Any], DatasetFormat] | None = None  # for formats rendered by a chat template
+    conversation: Callable[[list[dict[str, str]]], str] | None = None  # chat formats: the template renders it
 
     def examples(self, record: dict[str, Any]) -> list[Example]:
         made = self.to_example(record)
@@ -40,9 +41,33 @@ class DatasetFormat:
             raise SkipRecord("no examples in record")
         return made
 
+    def render_conversation(self, messages: list[dict[str, str]]) -> str:
+        """`{role, content}` messages ending in a user turn, laid out as training laid out conversations."""
+        if self.conversation is not None:
+            return self.conversation(messages)
+        return template_conversation(self.prompt, messages)
+
     def for_tokenizer(self, tokenizer: Any) -> DatasetFormat:
         """The format as used with `tokenizer`: chat formats render with its template, the rest ignore it."""
         return self.bind_tokenizer(tokenizer) if self.bind_tokenizer else self
+
+
+def template_conversation(prompt: Callable[[str], str], messages: list[dict[str, str]]) -> str:
+    """Each user turn wrapped in `prompt`, each reply after it; system text first.
+
+    Guanaco writes a conversation on one line, `### Human: … ### Assistant: … ### Human: …`, so turns of a
+    one-line template are joined by a space; multi-line templates (alpaca) are separated by a blank line.
+    """
+    separator = "\n\n" if "\n" in prompt("") else " "
+    parts: list[str] = []
+    answering = False  # the last part is a question waiting for its reply
+    for message in messages:
+        if message["role"] == "assistant" and answering:
+            parts[-1] += ("" if parts[-1][-1:].isspace() else " ") + message["content"]
+        else:  # a question; system text, or a reply before any question, as it is
+            parts.append(prompt(message["content"]) if message["role"] == "user" else message["content"])
+        answering = message["role"] == "user"
+    return separator.join(parts)
 
 
 def field(record: dict[str, Any], name: str) -> str:
@@ -242,7 +267,10 @@ class ChatRenderer:
         return examples
 
     def prompt(self, text: str) -> str:
-        return self._strip_bos(self.render([{"role": "user", "content": text}], generation_prompt=True))
+        return self.conversation([{"role": "user", "content": text}])
+
+    def conversation(self, messages: list[dict[str, str]]) -> str:
+        return self._strip_bos(self.render(messages, generation_prompt=True))
 
     @staticmethod
     def _message(message: dict[str, Any]) -> dict[str, str]:
@@ -262,7 +290,13 @@ class ChatRenderer:
 
 def _chat_format(tokenizer: Any) -> DatasetFormat:
     renderer = ChatRenderer(tokenizer)
-    return replace(FORMATS["messages"], to_example=renderer.to_examples, prompt=renderer.prompt, bind_tokenizer=None)
+    return replace(
+        FORMATS["messages"],
+        to_example=renderer.to_examples,
+        prompt=renderer.prompt,
+        conversation=renderer.conversation,
+        bind_tokenizer=None,
+    )
 
 
 def _needs_tokenizer(_: Any) -> Any:
