@@ -27,6 +27,11 @@ recipes_app = typer.Typer(help="List the bundled recipes, or copy one to edit.",
 app.add_typer(recipes_app, name="recipes")
 eval_app = typer.Typer(help="Evaluate a model or a finetuned run.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
+chat_eval_app = typer.Typer(
+    help="The paper's chatbot evaluation: answer a benchmark, judge pairs of answers, score, rate (Elo).",
+    no_args_is_help=True,
+)
+eval_app.add_typer(chat_eval_app, name="chat")
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Recipe YAML file.", show_default=False)]
 Overrides = Annotated[
@@ -269,6 +274,117 @@ def eval_mmlu(
     )
     result = run_mmlu(*target, cfg, output=output, predictions=predictions)
     typer.echo(format_table(result))
+
+
+class JudgeMode(str, Enum):
+    relative = "relative"
+    pairwise = "pairwise"
+
+
+KeyEnv = Annotated[str, typer.Option(help="Environment variable holding the endpoint's API key (never a flag).")]
+
+
+@chat_eval_app.command("answer")
+def chat_answer(
+    benchmark: Annotated[str, typer.Option(help="vicuna (80 questions), oa (953 OpenAssistant prompts) or a file.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Answers JSONL; an existing one is continued.")],
+    adapter: Annotated[Optional[Path], typer.Option(help="A trained adapter (4-bit base + adapter, as trained).")] = None,
+    model: Annotated[
+        Optional[str], typer.Option(help="A local model folder or hub id; with --endpoint, the model it serves.")
+    ] = None,
+    config: RecipeOption = None,
+    endpoint: Annotated[
+        Optional[str], typer.Option(help="OpenAI-compatible base URL (qlora serve, vLLM, a hosted API), e.g. …/v1.")
+    ] = None,
+    api_key_env: KeyEnv = "OPENAI_API_KEY",
+    temperature: Annotated[float, typer.Option(min=0.0)] = 0.7,
+    top_p: TopP = 0.9,
+    max_tokens: Annotated[int, typer.Option(min=1)] = 512,
+    batch_size: Annotated[int, typer.Option(min=1, help="Answers generated (or requested) together.")] = 8,
+    seed: int = 0,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N questions.")] = None,
+    no_system: Annotated[bool, typer.Option("--no-system", help="Leave out the paper's system text.")] = False,
+) -> None:
+    """Answer a benchmark's questions (the paper: top-p 0.9, temperature 0.7, its system text)."""
+    from qlora_cli.eval.chat.answer import AnswerRequest, answer
+
+    from qlora_cli.eval.chat.benchmarks import PAPER_SYSTEM
+
+    if adapter is None and model is None:
+        raise QloraError("pass --adapter, --model (a local model), or --endpoint with --model (the model it serves)")
+    system = None if no_system else PAPER_SYSTEM
+    request = AnswerRequest(benchmark, output, adapter, model, config, endpoint, api_key_env, system, temperature,
+                            top_p, max_tokens, batch_size, seed, limit)  # fmt: skip
+    typer.echo(f"Answers in {answer(request)}")
+
+
+@chat_eval_app.command("judge")
+def chat_judge(
+    answers: Annotated[list[Path], typer.Option("--answers", help="Two answers files (give it twice).")],
+    judge_endpoint: Annotated[str, typer.Option(help="The judge's OpenAI-compatible base URL.")],
+    judge_model: Annotated[str, typer.Option(help="The judge's model name, e.g. gpt-4.")],
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Folder of review files (and the cache).")],
+    mode: Annotated[JudgeMode, typer.Option(help="relative: two scores out of 10; pairwise: 1, 2 or 3 (tie).")] = (
+        JudgeMode.relative
+    ),
+    judge_prompts: Annotated[
+        Optional[Path], typer.Option(help="FastChat judge prompts (the paper's eval/prompts/*.jsonl as published).")
+    ] = None,
+    benchmark: Annotated[
+        Optional[str], typer.Option(help="Questions, for answers files that do not carry them (the paper's).")
+    ] = None,
+    api_key_env: KeyEnv = "OPENAI_API_KEY",
+    judge_max_tokens: Annotated[int, typer.Option(min=1, help="Longest review (the paper's: 1024).")] = 1024,
+    concurrency: Annotated[int, typer.Option(min=1, help="Judge calls in flight.")] = 4,
+    max_retries: Annotated[int, typer.Option(min=0, help="Retries (with backoff) of a call answered 429 or 5xx.")] = 8,
+    dry_run: Annotated[bool, typer.Option(help="Print the number of calls and prompt tokens, call nothing.")] = False,
+) -> None:
+    """Judge two systems' answers question by question, in both orders (the paper's GPT-4 judge: temperature 0.2)."""
+    from qlora_cli.eval.chat.judge import JudgeRequest, judge
+
+    if len(answers) != 2:
+        raise QloraError(f"--answers: give exactly two answers files (got {len(answers)})")
+    request = JudgeRequest((answers[0], answers[1]), mode.value, judge_endpoint, judge_model, output_dir,
+                           judge_prompts, benchmark, api_key_env, max_tokens=judge_max_tokens,
+                           concurrency=concurrency, max_retries=max_retries, dry_run=dry_run)  # fmt: skip
+    for path in judge(request):
+        typer.echo(str(path))
+
+
+ChartOption = Annotated[
+    Optional[Path], typer.Option(help="PNG chart (Elo with the spread of orderings).", show_default="beside --output")
+]
+JsonOption = Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the table as JSON.")]
+
+
+@chat_eval_app.command("scores")
+def chat_scores(
+    folder: Annotated[Path, typer.Argument(help="Folder of relative review files (ours or the paper's).")],
+    reference: Annotated[
+        Optional[Path], typer.Option(help="The reference's answers (default: the answers every file shares).")
+    ] = None,
+    output: JsonOption = None,
+    resamples: Annotated[int, typer.Option(min=100, help="Bootstrap resamples.")] = 10_000,
+    seed: int = 0,
+) -> None:
+    """Relative scores against the reference, both orders and pooled, with a paired bootstrap 95% interval."""
+    from qlora_cli.eval.chat.summary import summarize_scores
+
+    typer.echo(summarize_scores(folder, reference=reference, output=output, resamples=resamples, seed=seed))
+
+
+@chat_eval_app.command("elo")
+def chat_elo(
+    folder: Annotated[Path, typer.Argument(help="Folder of pairwise (three-class) review files.")],
+    output: JsonOption = None,
+    chart: ChartOption = None,
+    orderings: Annotated[int, typer.Option(min=1, help="Random orderings of the matches.")] = 10_000,
+    seed: int = 0,
+) -> None:
+    """Elo ratings from pairwise verdicts: mean over random orderings, its 95% interval, and the spread."""
+    from qlora_cli.eval.chat.summary import summarize_elo
+
+    typer.echo(summarize_elo(folder, output=output, chart=chart, orderings=orderings, seed=seed))
 
 
 AdapterOption = Annotated[

@@ -176,6 +176,21 @@ def result_rows(metrics: dict[str, Any] | None, history: list[dict[str, Any]]) -
     return rows
 
 
+def chat_eval_rows(tables: dict[str, list[dict[str, Any]]]) -> Rows:
+    rows: Rows = []
+    for s in tables.get("relative", []):
+        orders = " / ".join("-" if v is None else f"{v:.1f}%" for v in (s["reference_first"], s["reference_second"]))
+        if s["mean"] is None:
+            rows.append((f"{s['system']} vs {s['reference']}", f"no readable review ({s['unparsed']} unparsed)"))
+            continue
+        rows.append((f"{s['system']} vs {s['reference']}", f"{orders} by order, mean {s['mean']:.1f}% "
+                     f"(95% interval {s['low']:.1f}-{s['high']:.1f})"))  # fmt: skip
+    for r in tables.get("elo", []):
+        rows.append((f"Elo {r['system']}", f"{r['mean']:.0f} ± {r['interval']:.1f} "
+                     f"(single orderings {r['spread_low']:.0f}-{r['spread_high']:.0f})"))  # fmt: skip
+    return rows
+
+
 def _duration(seconds: float) -> str:
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
@@ -209,7 +224,10 @@ def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
     tables = [
         ("Run", recipe_rows(run.recipe, run.metrics), ("", "")),
         ("Results", result_rows(run.metrics, run.log_history), ("metric", "value")),
+        ("Chatbot evaluation", chat_eval_rows(RunFolder(run.folder).read_chat_eval()), ("", "")),
     ]
+    if (figure_dir / "elo.png").is_file():  # written by `qlora eval chat elo` for reviews inside the run
+        images.append(("Elo ratings (qlora eval chat elo)", f"{FIGURES_DIR}/elo.png"))
     page = _html if output.suffix == ".html" else _markdown
     output.write_text(page(title, status, tables, images))
     return output

@@ -10,6 +10,7 @@ into `.staging/`, and it is renamed into place only once all of it is on disk (`
                                  recipe.yaml
       adapter_model.safetensors  the final adapter (or model), tokenizer, metrics.json, log_history.json,
       adapter_config.json        report.md + figures/, README.md (the model card)
+      chat_eval.json             `qlora eval chat scores / elo` of review folders inside the run
       completed                  written last: the run finished
       .staging/                  saves in progress; cleared when a run starts
 """
@@ -39,6 +40,7 @@ REPORT_FILE = "report.md"
 FIGURES_DIR = "figures"
 CARD_FILE = "README.md"
 MERGE_REPORT_FILE = "merge_report.json"  # what makes a folder a merged model
+CHAT_EVAL_FILE = "chat_eval.json"  # `qlora eval chat scores / elo` of reviews kept inside the run
 STAGING_DIR = ".staging"
 TRAINER_STATE_FILE = "trainer_state.json"  # the Trainer writes it last: a checkpoint without it is incomplete
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -152,6 +154,22 @@ class RunFolder:
         if not isinstance(history, list):
             raise QloraError(f"{found}: holds no log history (a list of logged entries)")
         return history
+
+    def read_chat_eval(self) -> dict[str, Any]:
+        file = self.path / CHAT_EVAL_FILE
+        return _read_json(file) if file.is_file() else {}
+
+    def write_chat_eval(self, key: str, rows: list[dict[str, Any]]) -> None:
+        """Keep the newest table of each kind (`relative`, `elo`) for the run report."""
+        (self.path / CHAT_EVAL_FILE).write_text(json.dumps({**self.read_chat_eval(), key: rows}, indent=2) + "\n")
+
+    @classmethod
+    def enclosing(cls, path: Path) -> RunFolder | None:
+        """The run a path lies in (the path itself or a folder above it), if any."""
+        for folder in (Path(path).resolve(), *Path(path).resolve().parents):
+            if (folder / RECIPE_FILE).is_file():
+                return cls(folder)
+        return None
 
     def mark_completed(self) -> None:
         (self.path / COMPLETED_FILE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")

@@ -64,7 +64,10 @@ def test_the_package_import_graph_has_no_cycle():
     assert cycles(graph) == []
 
 
-@pytest.mark.parametrize("module", ["qlora_cli.generate", "qlora_cli.chat", "qlora_cli.merge", "qlora_cli.serve.api"])
+INFERENCE = ["qlora_cli.generate", "qlora_cli.chat", "qlora_cli.merge", "qlora_cli.serve.api"]
+
+
+@pytest.mark.parametrize("module", INFERENCE)
 def test_inference_commands_do_not_import_the_trainer(module):
     probe = f"import sys, {module}; print('transformers.trainer' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=300)

@@ -1,0 +1,142 @@
+"""Answers to a benchmark's questions, from a trained model here or from any OpenAI-compatible endpoint.
+
+The answers file is JSON Lines, one `{question_id, answer_id, model_id, text, question, category, metadata}`
+per question, appended as answers arrive: a second run with the same output continues where the first
+stopped. The paper sampled with top-p 0.9 and temperature 0.7, after its system text (`PAPER_SYSTEM`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from qlora_cli.errors import QloraError
+from qlora_cli.eval.chat.benchmarks import PAPER_SYSTEM, Question, load_questions
+
+
+_NEXT_CONVERSATION = "A chat between a curious human and an artificial intelligence"
+
+
+@dataclass(frozen=True)
+class AnswerRequest:
+    benchmark: str  # vicuna, oa or a questions file
+    output: Path
+    adapter: Path | None = None
+    model: str | None = None  # a local model, or the endpoint's model name
+    config: Path | None = None
+    endpoint: str | None = None  # an OpenAI-compatible base URL (…/v1)
+    api_key_env: str = "OPENAI_API_KEY"
+    system: str | None = PAPER_SYSTEM
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_tokens: int = 512
+    batch_size: int = 8
+    seed: int = 0
+    limit: int | None = None
+
+
+def answer(request: AnswerRequest) -> Path:
+    questions = load_questions(request.benchmark, request.limit)
+    done = {record["question_id"] for record in read_answers(request.output)} if request.output.exists() else set()
+    todo = [q for q in questions if q.question_id not in done]
+    if not todo:
+        print(f"{request.output}: all {len(questions)} questions already answered", file=sys.stderr)
+        return request.output
+    request.output.parent.mkdir(parents=True, exist_ok=True)
+    source = _endpoint_answers(request, todo) if request.endpoint else _local_answers(request, todo)
+    from tqdm.auto import tqdm
+
+    with request.output.open("a", encoding="utf-8") as out, tqdm(total=len(todo), desc="Answering") as bar:
+        for model_id, question, text in source:
+            out.write(json.dumps(_record(request, model_id, question, text), ensure_ascii=False) + "\n")
+            out.flush()
+            bar.update()
+    return request.output
+
+
+def read_answers(path: Path) -> list[dict[str, Any]]:
+    """Our answers files, or the paper's (`generation` instead of `text`, ids made from the text)."""
+    records = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise QloraError(f"cannot read answers {path}: {exc.strerror}") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            text = record.get("generation_truncated") or record.get("generation") or record["text"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise QloraError(f"{path}:{number}: not an answer record ({exc})") from None
+        # The paper's generations run on past the answer into a new conversation; its judge cut them there.
+        text = text.split(_NEXT_CONVERSATION)[0] if "generation" in record else text
+        records.append({
+            **record,
+            "text": text,
+            "answer_id": record.get("answer_id") or uuid.uuid5(uuid.NAMESPACE_URL, text).hex,
+            "model_id": record.get("model_id") or path.stem,
+        })  # fmt: skip
+    return records
+
+
+def _record(request: AnswerRequest, model_id: str, question: Question, text: str) -> dict[str, Any]:
+    return {
+        "question_id": question.question_id,
+        "answer_id": uuid.uuid4().hex,
+        "model_id": model_id,
+        "text": text,
+        "question": question.text,
+        "category": question.category,
+        "metadata": {
+            "temperature": request.temperature, "top_p": request.top_p, "max_tokens": request.max_tokens,
+            "system": request.system, "seed": request.seed, "source": request.endpoint or "local",
+        },  # fmt: skip
+    }
+
+
+def _local_answers(request: AnswerRequest, todo: list[Question]) -> Iterator[tuple[str, Question, str]]:
+    from transformers import set_seed
+
+    from qlora_cli.generate import Sampling, load_generator
+
+    generator = load_generator(request.model, request.adapter, request.config)
+    model_id = Path(request.adapter).name if request.adapter else str(request.model)
+    sampling = Sampling(request.max_tokens, request.temperature, request.top_p, request.batch_size)
+    set_seed(request.seed)
+    for start in range(0, len(todo), request.batch_size):
+        batch = todo[start : start + request.batch_size]
+        prompts = [generator.render(q.messages(request.system)) for q in batch]
+        yield from ((model_id, q, text) for q, text in zip(batch, generator.generate(prompts, sampling)))
+
+
+def _endpoint_answers(request: AnswerRequest, todo: list[Question]) -> Iterator[tuple[str, Question, str]]:
+    if not request.model:
+        raise QloraError("--endpoint needs --model: the model name the endpoint serves")
+    client = openai_client(request.endpoint, request.api_key_env)
+
+    def ask(question: Question) -> tuple[str, Question, str]:
+        reply = client.chat.completions.create(
+            model=request.model, messages=question.messages(request.system), temperature=request.temperature,
+            top_p=request.top_p, max_tokens=request.max_tokens, seed=request.seed,
+        )  # fmt: skip
+        return request.model, question, reply.choices[0].message.content or ""
+
+    with ThreadPoolExecutor(request.batch_size) as pool:
+        yield from pool.map(ask, todo)
+
+
+def openai_client(endpoint: str, api_key_env: str, max_retries: int = 8) -> Any:
+    """Keys come from the environment only; the client retries 429 and 5xx with exponential backoff."""
+    try:
+        import openai
+    except ImportError:
+        raise QloraError("endpoints are called with the openai package: pip install openai") from None
+    return openai.OpenAI(base_url=endpoint, api_key=os.environ.get(api_key_env) or "none", max_retries=max_retries,
+                         timeout=600)  # fmt: skip
