@@ -14,7 +14,13 @@ from typing import Any
 from qlora_cli.config import ModelConfig, QuantizationConfig, Recipe
 from qlora_cli.data.formats import FORMATS, DatasetFormat
 from qlora_cli.errors import QloraError
-from qlora_cli.run_folder import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHT_FILES, TOKENIZER_CONFIG_FILE, read_recipe
+from qlora_cli.run_folder import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHT_FILES,
+    TOKENIZER_CONFIG_FILE,
+    read_recipe,
+    safetensors_problem,
+)
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,10 @@ def read_adapter(path: str | Path) -> TrainedAdapter:
         raise QloraError(f"{config_file} is not a PEFT adapter config (no peft_type)")
     if not any((path / name).is_file() for name in ADAPTER_WEIGHT_FILES):
         raise QloraError(f"{path} has no adapter weights ({' or '.join(ADAPTER_WEIGHT_FILES)})")
+    weights = path / ADAPTER_WEIGHT_FILES[0]
+    problem = safetensors_problem(weights) if weights.is_file() else None
+    if problem:
+        raise QloraError(problem)
     return TrainedAdapter(path, config, read_recipe(path))
 
 

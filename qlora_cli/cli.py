@@ -587,18 +587,51 @@ def _resume_command(argv: list[str]) -> str:
     return shlex.join(["qlora", *kept, "--resume"])
 
 
+MAX_ERROR_CHARS = 600  # an error is one line a person reads, whatever produced it
+# Typer's usage errors (bad option values, unknown commands), whichever click Typer ships with.
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
 def main() -> None:
     debug = "--debug" in sys.argv[1:]
     try:
-        app()
+        code = app(standalone_mode=False)
     except TrainingInterrupted as exc:
         typer.secho(f"{exc}\nResume with: {_resume_command(sys.argv[1:])}", fg=typer.colors.YELLOW, err=True)
         sys.exit(exc.exit_code)
+    except _ClickException as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `qlora` alone, or a group without its command: help shown
+            sys.exit(exc.exit_code)
+        _fail(f"{exc.format_message()}{_usage_hint(exc)}", exc.exit_code)
     except QloraError as exc:
         if debug:
             raise
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        sys.exit(2)
+        _fail(str(exc))
+    except (OSError, UnicodeDecodeError) as exc:  # files the commands read or write, however deep down
+        if debug:
+            raise
+        _fail(_file_error(exc))
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    line = " ".join(message.split())
+    if len(line) > MAX_ERROR_CHARS:
+        line = f"{line[: MAX_ERROR_CHARS - 30]}… ({len(line) - MAX_ERROR_CHARS + 30:,} more characters)"
+    typer.secho(f"error: {line}", fg=typer.colors.RED, err=True)
+    sys.exit(code)
+
+
+def _usage_hint(exc: Exception) -> str:
+    ctx = getattr(exc, "ctx", None)
+    return f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+
+
+def _file_error(exc: OSError | UnicodeDecodeError) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return f"a file that should be text is not UTF-8 ({exc.reason} at byte {exc.start})"
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{exc.strerror or exc}"

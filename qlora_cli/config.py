@@ -292,15 +292,50 @@ def _bundled(path: Path) -> Path | None:
         return None  # a broken install: report the file the user named as missing
 
 
+# A recipe is a few kilobytes; these bounds keep a hostile one (YAML anchors nested like a zip bomb) cheap.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_EXPANDED_VALUES = 100_000
+
+
+def safe_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load, refusing a document whose aliases would expand past MAX_EXPANDED_VALUES values.
+
+    Anchors and aliases share one node each while parsing; what costs memory and time is everything that
+    later walks the result as a tree (validation, error messages, dumping). Counted on the node graph, with
+    each shared node's size computed once.
+    """
+    if len(text.encode()) > MAX_RECIPE_BYTES:
+        raise ConfigError(f"{where}: over {MAX_RECIPE_BYTES // 1024} KiB; a recipe is a few lines of YAML")
+    sizes: dict[int, int] = {}
+
+    def expanded(node: Any) -> int:
+        if id(node) not in sizes:
+            sizes[id(node)] = 1  # a node that contains itself counts once
+            children = node.value if isinstance(node.value, list) else []
+            flat = [part for child in children for part in (child if isinstance(child, tuple) else (child,))]
+            sizes[id(node)] = min(1 + sum(expanded(part) for part in flat), MAX_EXPANDED_VALUES + 1)
+        return sizes[id(node)]
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if root is not None and expanded(root) > MAX_EXPANDED_VALUES:
+            raise ConfigError(f"{where}: YAML aliases expand to more than {MAX_EXPANDED_VALUES:,} values; write them out")
+        return yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"{where}: YAML nested too deeply") from None
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"recipe not found: {path}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (a recipe is UTF-8 YAML)") from None
     except OSError as exc:
         raise ConfigError(f"cannot read recipe {path}: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = safe_yaml(text, str(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -351,7 +386,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {item!r} is not of the form key.path=value (e.g. training.max_steps=20)")
     try:
-        value = yaml.safe_load(text) if text else None
+        value = safe_yaml(text, f"override {key}") if text else None
     except yaml.YAMLError:
         value = text
     parts = key.split(".")
@@ -415,9 +450,13 @@ def _describe(exc: ValidationError) -> str:
             message = err["msg"].removeprefix("Value error, ")
             got = err.get("input")
             quiet = isinstance(got, dict) or got is None or repr(got) in message
-            shown = "" if quiet else f" (got {got!r})"
+            shown = "" if quiet else f" (got {_short(repr(got))})"
             lines.append(f"{key}: {message}{shown}")
     return "; ".join(lines)
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _model_at(loc: list[str]) -> type[BaseModel] | None:

@@ -168,7 +168,9 @@ def load_generator(
 def read_prompts(path: Path) -> list[dict[str, Any]]:
     """JSON Lines or a JSON array (strings, or objects with a prompt, instruction or text field); else one per line."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise QloraError(f"prompts file {path} is not UTF-8 text") from None
     except OSError as exc:
         raise QloraError(f"cannot read prompts file {path}: {exc.strerror}") from None
     if path.suffix not in (".jsonl", ".json"):

@@ -24,6 +24,7 @@ import re
 import shutil
 import sys
 import time
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,8 @@ class RunFolder:
         return (self.path / COMPLETED_FILE).exists()
 
     def is_empty(self) -> bool:
+        if self.path.exists() and not self.path.is_dir():
+            raise QloraError(f"output_dir {self.path} is a file, not a folder: choose another output_dir")
         return not self.path.exists() or not any(self.path.iterdir())
 
     def checkpoint(self, step: int) -> Path:
@@ -174,6 +177,56 @@ class RunFolder:
     def mark_completed(self) -> None:
         (self.path / COMPLETED_FILE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
 
+    # ------------------------------------------------------------------ in use, and replaced safely
+
+    @property
+    def previous(self) -> Path:
+        """Where `--overwrite` keeps the run it replaces until the new one completes (beside it: same disk)."""
+        return self.path.with_name(f".{self.path.name}.previous")
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """One process trains into a run folder at a time. The OS releases the lock when the process dies;
+        readers (report, generate, merge) never take it. The lock file sits beside the folder, which
+        `--overwrite` moves."""
+        try:
+            import fcntl
+        except ImportError:  # Windows: no lock
+            yield
+            return
+        lock_file = self.path.with_name(f".{self.path.name}.lock")
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_file, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise QloraError(
+                    f"output_dir {self.path} is in use by {holder}: wait for it to finish, or choose another output_dir"
+                ) from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"process {os.getpid()} (qlora train)")
+            handle.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def set_aside(self) -> None:
+        """Move this run out of the way for `--overwrite`; `restore` or `discard_previous` settles it."""
+        shutil.rmtree(self.previous, ignore_errors=True)
+        self.path.rename(self.previous)
+
+    def restore(self) -> None:
+        """Put the run that `--overwrite` set aside back in place of whatever the new run left."""
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.previous.rename(self.path)
+
+    def discard_previous(self) -> None:
+        shutil.rmtree(self.previous, ignore_errors=True)
+
     # ------------------------------------------------------------------ writing safely
 
     def clear_staging(self) -> None:
@@ -232,6 +285,47 @@ class RunFolder:
             f"could not write {what} in {self.path}: {reason}. The partial copy was removed; earlier checkpoints "
             f"are intact ({intact}). {remedy}, then continue with --resume"
         )
+
+
+# What the Trainer needs to continue exactly where a checkpoint stopped (weights, optimizer, schedule, RNG, state).
+_EXACT_RESUME = {
+    "weights": ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "model-*.safetensors",
+                "pytorch_model*.bin", "pytorch_model_fsdp*"),
+    "optimizer state": ("optimizer.pt", "optimizer*", "global_step*"),
+    "learning-rate scheduler": ("scheduler.pt",),
+    "RNG state": ("rng_state*.pth",),
+    TRAINER_STATE_FILE: (TRAINER_STATE_FILE,),
+}  # fmt: skip
+
+
+def resume_problems(checkpoint: Path) -> list[str]:
+    """What keeps a resume from being exact: parts missing, or files truncated or corrupt."""
+    problems = [f"no {part}" for part, patterns in _EXACT_RESUME.items()
+                if not any(any(checkpoint.glob(p)) for p in patterns)]  # fmt: skip
+    for file in sorted(checkpoint.iterdir()) if checkpoint.is_dir() else []:
+        if file.suffix in (".pt", ".pth") and not zipfile.is_zipfile(file):  # torch.save writes a zip archive
+            problems.append(f"{file.name} is truncated or corrupt")
+        elif file.suffix == ".safetensors" and not _safetensors_readable(file):
+            problems.append(f"{file.name} is truncated or corrupt")
+    if trained_steps(checkpoint) is None and not any(TRAINER_STATE_FILE in p for p in problems):
+        problems.append(f"{TRAINER_STATE_FILE} is unreadable")
+    return problems
+
+
+def safetensors_problem(file: Path) -> str | None:
+    """A one-line reason when `file` is not a readable safetensors file (its header is parsed, not the weights)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            handle.keys()
+    except Exception as exc:  # SafetensorError, OSError: whatever the file is, it is not one
+        return f"{file}: not a readable safetensors file ({str(exc).splitlines()[0][:120]})"
+    return None
+
+
+def _safetensors_readable(file: Path) -> bool:
+    return safetensors_problem(file) is None
 
 
 def resume_checkpoint(path: Path) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from qlora_cli.run_folder import (
     RunFolder,
     find_recipe_file,
     resume_checkpoint,
+    resume_problems,
 )
 from qlora_cli.trainer import QloraTrainer, build_trainer
 
@@ -56,14 +56,35 @@ def train(
     if overwrite and resume:
         raise QloraError("--overwrite and --resume contradict each other: pick one")
     processes = join_processes()
-    if processes.is_main_process:
-        prepare_output_dir(run, overwrite=overwrite, resume=resume)
-    else:
+    if not processes.is_main_process:
         quiet_replica()
+        return _train(recipe, run, processes, resume=resume, resume_from=resume_from, force=force)
+    with run.lock():
+        replacing = prepare_output_dir(run, overwrite=overwrite, resume=resume)
+        try:
+            result = _train(recipe, run, processes, resume=resume, resume_from=resume_from, force=force)
+        except BaseException as exc:
+            if not replacing:
+                raise
+            run.restore()
+            kept = f"the previous run in {run.path} is intact (--overwrite replaces it only once the new run completes)"
+            if isinstance(exc, (QloraError, KeyboardInterrupt)):
+                raise QloraError(f"{exc if isinstance(exc, QloraError) else 'interrupted'}; {kept}") from exc
+            print(f"error: the new run failed; {kept}", file=sys.stderr)
+            raise
+        if replacing:
+            run.discard_previous()
+        return result
+
+
+def _train(
+    recipe: Recipe, run: RunFolder, processes: Any, *, resume: bool, resume_from: Path | None, force: bool
+) -> TrainResult:
     processes.wait_for_everyone()
     checkpoint = resume_checkpoint(resume_from or run.path) if resume else None
     if checkpoint is not None:
         check_recipe_drift(checkpoint, recipe, force=force)
+        check_exact_resume(checkpoint, force=force)
     # Built before seeding (so LoRA's init never depends on whether the cache was cold) and by rank 0 first
     # (under a process group only rank 0 writes a model's weights).
     with processes.main_process_first():
@@ -119,13 +140,21 @@ def train(
     return TrainResult(run.path, metrics, losses)
 
 
-def prepare_output_dir(run: RunFolder, *, overwrite: bool, resume: bool) -> None:
-    """Never clobber a finished run or a folder that is not ours."""
+def prepare_output_dir(run: RunFolder, *, overwrite: bool, resume: bool) -> bool:
+    """Never clobber a finished run or a folder that is not ours; True when `--overwrite` set a run aside."""
+    if run.previous.exists():  # a process died during an --overwrite run: settle it first
+        if run.is_completed():
+            run.discard_previous()
+        else:
+            run.restore()
+            print(f"Restored the run an interrupted --overwrite had set aside into {run.path}", file=sys.stderr)
+    replacing = False
     if not run.is_empty():
         if not run.is_run():
             raise QloraError(f"output_dir {run.path} exists and is not a qlora run folder: choose another output_dir")
         if overwrite:
-            shutil.rmtree(run.path)
+            run.set_aside()
+            replacing = True
         elif run.is_completed():
             raise QloraError(f"output_dir {run.path} holds a completed run: pass --overwrite to replace it")
         elif not resume and run.checkpoints(complete=False):
@@ -135,6 +164,21 @@ def prepare_output_dir(run: RunFolder, *, overwrite: bool, resume: bool) -> None
             )
     run.path.mkdir(parents=True, exist_ok=True)
     run.clear_staging()
+    return replacing
+
+
+def check_exact_resume(checkpoint: Path, *, force: bool) -> None:
+    """The Trainer resumes from whatever a checkpoint holds and says nothing about what it lacks."""
+    problems = resume_problems(checkpoint)
+    if not problems:
+        return
+    listed = "; ".join(problems)
+    if not force:
+        raise QloraError(
+            f"cannot resume exactly from {checkpoint}: {listed}. Resume from another checkpoint, or pass --force to "
+            "continue from what is there (the result will differ from an uninterrupted run)"
+        )
+    print(f"warning: resuming inexactly (--force) from {checkpoint}: {listed}", file=sys.stderr)
 
 
 def check_recipe_drift(checkpoint: Path, recipe: Recipe, *, force: bool) -> None:
@@ -213,4 +257,5 @@ def _announce(recipe: Recipe, model: Any, data: PreparedData) -> None:
     eval_n = len(data.eval) if data.eval is not None else 0
     skipped = sum(data.skipped.values())
     note = f"; skipped {skipped} ({', '.join(f'{n} {r}' for r, n in data.skipped.most_common())})" if skipped else ""
-    print(f"Data {recipe.data.dataset}: {len(data.train):,} train, {eval_n:,} eval examples{note}", file=sys.stderr)
+    cut = f"; {data.truncated:,} truncated to source/target max length" if data.truncated else ""
+    print(f"Data {recipe.data.dataset}: {len(data.train):,} train, {eval_n:,} eval examples{cut}{note}", file=sys.stderr)

@@ -33,6 +33,7 @@ class DatasetFormat:
     eval_split: str | None = None  # the hub split used for evaluation, when the dataset has one
     bind_tokenizer: Callable[[Any], DatasetFormat] | None = None  # for formats rendered by a chat template
     conversation: Callable[[list[dict[str, str]]], str] | None = None  # chat formats: the template renders it
+    unused: Callable[[dict[str, Any]], str | None] | None = None  # a part of a record no example trains on
 
     def examples(self, record: dict[str, Any]) -> list[Example]:
         made = self.to_example(record)
@@ -288,6 +289,15 @@ class ChatRenderer:
         return text.removesuffix(eos) if eos else text
 
 
+def _trailing_question(record: dict[str, Any]) -> str | None:
+    """A conversation that ends with the user's turn trains on its replies; that last turn has none."""
+    try:
+        messages = items(record, "messages")
+    except SkipRecord:
+        return None
+    return "trailing user turn without a reply (that turn dropped)" if messages[-1].get("role") == "user" else None
+
+
 def _chat_format(tokenizer: Any) -> DatasetFormat:
     renderer = ChatRenderer(tokenizer)
     return replace(
@@ -295,6 +305,7 @@ def _chat_format(tokenizer: Any) -> DatasetFormat:
         to_example=renderer.to_examples,
         prompt=renderer.prompt,
         conversation=renderer.conversation,
+        unused=_trailing_question,
         bind_tokenizer=None,
     )
 

@@ -104,6 +104,8 @@ def local_files(cfg: DataConfig) -> tuple[list[str], list[str]]:
             held_out += folder_eval
         elif path.is_file():
             train.append(str(path))
+        elif path.is_symlink():
+            raise QloraError(f"data file {path} is a symbolic link that leads nowhere (a loop, or a missing target)")
         else:
             raise QloraError(f"data file not found: {path}")
     for f in train + held_out:
@@ -205,10 +207,14 @@ def _format(dataset: Any, fmt: DatasetFormat, skipped: Counter) -> Any:
     def to_columns(batch: dict[str, list]) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {"source": [], "target": [], "skip": []}
         for values in zip(*batch.values()):
+            record = dict(zip(batch, values))
             try:
-                rows = [(ex.source, ex.target, "") for ex in fmt.examples(dict(zip(batch, values)))]
+                rows = [(ex.source, ex.target, "") for ex in fmt.examples(record)]
             except SkipRecord as reason:
                 rows = [("", "", str(reason))]
+            unused = fmt.unused(record) if fmt.unused else None
+            if unused and rows and not rows[0][2]:
+                rows.append(("", "", unused))  # counted with the skips, then dropped with them
             for row in rows:
                 for key, value in zip(out, row):
                     out[key].append(value)

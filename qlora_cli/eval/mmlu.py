@@ -122,15 +122,19 @@ def read_hendrycks(folder: Path, split: str, *, need_dev: bool) -> tuple[dict, d
 def _read_csv(path: Path) -> list[Question]:
     subject = path.name.rsplit("_", 1)[0]
     questions = []
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        for row in reader:
-            where = f"{path}:{reader.line_num}"
-            if len(row) != 6:
-                raise QloraError(f"{where}: expected 6 fields (question, A, B, C, D, answer), got {len(row)}")
-            if row[5] not in LETTERS:
-                raise QloraError(f"{where}: answer must be one of A, B, C, D, got {row[5]!r}")
-            questions.append(Question(subject, row[0], tuple(row[1:5]), row[5]))
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            rows = [(reader.line_num, row) for row in reader]
+    except UnicodeDecodeError:
+        raise QloraError(f"{path}: not UTF-8 text (expected MMLU's CSV)") from None
+    for line, row in rows:
+        where = f"{path}:{line}"
+        if len(row) != 6:
+            raise QloraError(f"{where}: expected 6 fields (question, A, B, C, D, answer), got {len(row)}")
+        if row[5] not in LETTERS:
+            raise QloraError(f"{where}: answer must be one of A, B, C, D, got {row[5]!r}")
+        questions.append(Question(subject, row[0], tuple(row[1:5]), row[5]))
     return questions
 
 

@@ -65,6 +65,8 @@ def read_answers(path: Path) -> list[dict[str, Any]]:
     records = []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise QloraError(f"answers file {path} is not UTF-8 text") from None
     except OSError as exc:
         raise QloraError(f"cannot read answers {path}: {exc.strerror}") from None
     for number, line in enumerate(lines, start=1):

@@ -60,6 +60,8 @@ def load_questions(benchmark: str, limit: int | None = None) -> list[Question]:
 def read_questions(path: Path) -> list[Question]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise QloraError(f"questions file {path} is not UTF-8 text") from None
     except OSError as exc:
         raise QloraError(f"cannot read questions {path}: {exc.strerror}") from None
     questions = []

@@ -77,7 +77,11 @@ def read_review_dir(folder: Path) -> list[ReviewFile]:
 
 def read_review_file(path: Path) -> ReviewFile:
     reviews = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise QloraError(f"review file {path} is not UTF-8 text") from None
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
