@@ -13,7 +13,10 @@ def fake_adapter(folder, *, config=None, weights=True, recipe=False, tokenizer=F
     cfg = {"peft_type": "LORA", "base_model_name_or_path": "org/base"} if config is None else config
     (folder / "adapter_config.json").write_text(cfg if isinstance(cfg, str) else json.dumps(cfg))
     if weights:
-        (folder / "adapter_model.safetensors").write_bytes(b"")
+        import torch
+        from safetensors.torch import save_file
+
+        save_file({"base_model.model.w.lora_A.weight": torch.zeros(1)}, folder / "adapter_model.safetensors")
     if recipe:
         (folder / "recipe.yaml").write_text(load_recipe(REPO / "configs/demo.yaml").to_yaml())
     if tokenizer:

@@ -291,3 +291,23 @@ def test_reviews_kept_inside_a_run_reach_its_report(tmp_path):
     report = (run.path / "report.md").read_text()
     assert "## Chatbot evaluation" in report and "| Elo ours |" in report
     assert "figures/elo.png" in report and (run.path / "figures" / "elo.png").is_file()
+
+
+def test_answers_from_an_endpoint_continue_where_a_run_stopped(tmp_path, fake_judge):
+    from qlora_cli.eval.chat.answer import AnswerRequest, answer
+
+    FakeJudge.rate_limit_first = False
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    out = tmp_path / "answers.jsonl"
+    request = AnswerRequest(str(questions), out, model="served-model", endpoint=fake_judge, limit=2)
+    answer(request)
+    first = out.read_text().splitlines()
+    assert len(first) == 2 and len(FakeJudge.calls) == 2
+    assert FakeJudge.calls[0]["messages"][0] == {"role": "system", "content": PAPER_SYSTEM}
+    assert (FakeJudge.calls[0]["temperature"], FakeJudge.calls[0]["top_p"]) == (0.7, 0.9)
+    answer(AnswerRequest(str(questions), out, model="served-model", endpoint=fake_judge))
+    lines = out.read_text().splitlines()
+    assert lines[:2] == first and len(lines) == len(QUESTIONS) and len(FakeJudge.calls) == len(QUESTIONS)
+    record = json.loads(lines[-1])
+    assert record["model_id"] == "served-model" and record["question"] == QUESTIONS[-1]["text"]
