@@ -105,9 +105,8 @@ def create_app(engine: Engine, served: dict[str, ServedModel], *, api_key: str |
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        batches = engine.batches
         return {"status": "ok", "models": list(served), "active_requests": active.value,
-                "batches": len(batches), "largest_batch": max(batches, default=0)}  # fmt: skip
+                "batches": engine.batch_count, "largest_batch": engine.largest_batch}  # fmt: skip
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -47,7 +47,8 @@ class Engine:
         self._wake = threading.Condition()
         self._stopping = False
         self._worker = threading.Thread(target=self._run, name="qlora-generate", daemon=True)
-        self.batches: list[int] = []  # the size of every batch generated, for tests and benchmarks
+        self.batch_count = 0  # batches generated, and the largest: /health shows them
+        self.largest_batch = 0
 
     def start(self) -> None:
         self._worker.start()
@@ -92,7 +93,8 @@ class Engine:
 
         if not jobs:
             return
-        self.batches.append(len(jobs))
+        self.batch_count += 1
+        self.largest_batch = max(self.largest_batch, len(jobs))
         served = self.models[jobs[0].model]
         model, tokenizer = self.loaded.model, self.loaded.tokenizer
         if served.adapter is not None:
