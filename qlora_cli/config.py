@@ -24,6 +24,9 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     name_or_path: str = Field(description="Hub id, local folder, or builtin:tiny-llama / builtin:tiny-t5.")
     tokenizer: str | None = Field(None, description="Tokenizer hub id or folder; defaults to the model's.")
+    gguf_file: str | None = Field(
+        None, description="A GGUF file in name_or_path (a folder or hub repo): dequantized once, then quantized as set."
+    )
     revision: str | None = None
     trust_remote_code: bool = False
     attn_implementation: str | None = None

@@ -12,6 +12,7 @@ from qlora_cli.builtin import resolve_builtin_model
 from qlora_cli.config import LoraConfig, ModelConfig, QuantizationConfig, Recipe
 from qlora_cli.data.tokenize import PaddingCollator
 from qlora_cli.errors import QloraError, refusing_pickled_code
+from qlora_cli.gguf import dequantized_folder, split_gguf_path
 from qlora_cli.kernels import choose_cpu_kernel, quiet_missing_kernels_package
 from qlora_cli.model_kind import ModelKind, kind_of
 from qlora_cli.run_folder import ADAPTER_CONFIG_FILE, has_adapter
@@ -95,10 +96,16 @@ class LoadedModel:
         return {key: value.to(self.device) for key, value in collate([{"input_ids": r} for r in rows]).items()}
 
 
+def model_source(cfg: ModelConfig) -> str:
+    """The folder or hub id to load: builtin models built, a GGUF file dequantized into a cached folder."""
+    name, gguf_file = split_gguf_path(resolve_builtin_model(cfg.name_or_path), cfg.gguf_file)
+    return str(dequantized_folder(name, gguf_file)) if gguf_file else name
+
+
 def load_tokenizer(cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
-    name = resolve_builtin_model(cfg.tokenizer or cfg.name_or_path)
+    name = resolve_builtin_model(cfg.tokenizer) if cfg.tokenizer else model_source(cfg)
     tokenizer = _from_pretrained(
         AutoTokenizer.from_pretrained, name, "tokenizer", revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
     )
@@ -110,7 +117,7 @@ def model_kind(cfg: ModelConfig) -> ModelKind:
     """From the model's config alone, without loading any weights."""
     from transformers import AutoConfig
 
-    source = resolve_builtin_model(cfg.name_or_path)
+    source = model_source(cfg)
     common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     return kind_of(_from_pretrained(AutoConfig.from_pretrained, source, "model", **common))
 
@@ -135,7 +142,7 @@ def load_model(
     from transformers import AutoConfig
 
     device = device or device_for_process()
-    source = resolve_builtin_model(cfg.name_or_path)
+    source = model_source(cfg)
     compute_dtype = resolve_compute_dtype(quant.compute_dtype, device)
     common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     model_config = _from_pretrained(AutoConfig.from_pretrained, source, "model", **common)

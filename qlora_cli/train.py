@@ -19,7 +19,7 @@ from qlora_cli.distributed import announce_processes, join_processes, quiet_repl
 from qlora_cli.errors import QloraError, refusing_pickled_code
 from qlora_cli.guards import check_adapter, fingerprint
 from qlora_cli.memory import MemoryMeter
-from qlora_cli.model import LoadedModel, add_lora, count_parameters, load_model
+from qlora_cli.model import LoadedModel, add_lora, count_parameters, load_model, model_source
 from qlora_cli.run_folder import (
     LOG_HISTORY_FILE,
     METRICS_FILE,
@@ -88,8 +88,9 @@ def _train(
     # Built before seeding (so LoRA's init never depends on whether the cache was cold) and by rank 0 first
     # (under a process group only rank 0 writes a model's weights).
     with processes.main_process_first():
-        for name in filter(None, (recipe.model.name_or_path, recipe.model.tokenizer)):
-            resolve_builtin_model(name)
+        model_source(recipe.model)  # builds a builtin model, or dequantizes a GGUF file, once
+        if recipe.model.tokenizer:
+            resolve_builtin_model(recipe.model.tokenizer)
     set_seed(recipe.training.seed)
     t = recipe.training  # under FSDP, FSDP checkpoints activations itself (distributed.fsdp_config)
     loaded = load_model(

@@ -10,10 +10,13 @@ from qlora_cli.model import (
     bnb_config,
     ensure_pad_token,
     linear_module_names,
+    load_for_inference,
     load_model,
     load_tokenizer,
+    model_source,
     resolve_compute_dtype,
 )
+from tests.conftest import REPO
 
 
 def test_auto_compute_dtype_is_fp32_on_the_cpu():
@@ -111,3 +114,39 @@ def test_hub_id_offline_says_so_and_suggests_a_local_path():
 def test_missing_local_folder_is_a_clear_error(tmp_path):
     with pytest.raises(QloraError, match="not found|cannot load"):
         load_model(ModelConfig(name_or_path=str(tmp_path / "absent")), QuantizationConfig())
+
+
+SMOLLM2_GGUF = REPO.parent / "shared" / "data" / "models" / "smollm2-135m-instruct-gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.skipif(not SMOLLM2_GGUF.is_file(), reason="../shared/data is absent")
+def test_a_gguf_checkpoint_is_dequantized_once_then_quantized_to_nf4():
+    """SmolLM2-135M-Instruct (Q4_1, tied embeddings): as a file path or as gguf_file in its folder."""
+    import bitsandbytes as bnb
+
+    from qlora_cli.generate import Generator, Sampling
+
+    as_file = load_for_inference(ModelConfig(name_or_path=str(SMOLLM2_GGUF)), QuantizationConfig())
+    in_folder = ModelConfig(name_or_path=str(SMOLLM2_GGUF.parent), gguf_file=SMOLLM2_GGUF.name)
+    assert model_source(in_folder) == as_file.source  # one cached copy
+    model = as_file.model
+    assert any(isinstance(m, bnb.nn.Linear4bit) and m.weight.quant_type == "nf4" for m in model.modules())
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied
+    generator = Generator(as_file, None)  # no recipe: the GGUF's ChatML template
+    prompt = generator.render([{"role": "user", "content": "What is the capital of France?"}])
+    assert prompt.endswith("<|im_start|>assistant\n")
+    [reply] = generator.generate([prompt], Sampling(max_new_tokens=12, temperature=0))
+    assert "Paris" in reply
+
+
+def test_a_gguf_base_without_the_gguf_package_says_what_to_install(tmp_path, monkeypatch):
+    import importlib.util
+
+    from qlora_cli.errors import QloraError
+
+    file = tmp_path / "m.gguf"
+    file.write_bytes(b"GGUF")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    with pytest.raises(QloraError, match=r"reading m.gguf needs the gguf package: pip install 'qlora-cli\[gguf\]'"):
+        model_source(ModelConfig(name_or_path=str(file)))
