@@ -319,13 +319,18 @@ def safe_yaml(text: str, where: str) -> Any:
             sizes[id(node)] = min(1 + sum(expanded(part) for part in flat), MAX_EXPANDED_VALUES + 1)
         return sizes[id(node)]
 
+    loader = yaml.SafeLoader(text)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        if root is not None and expanded(root) > MAX_EXPANDED_VALUES:
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        if expanded(root) > MAX_EXPANDED_VALUES:
             raise ConfigError(f"{where}: YAML aliases expand to more than {MAX_EXPANDED_VALUES:,} values; write them out")
-        return yaml.safe_load(text)
+        return loader.construct_document(root)  # the graph already parsed, not the text again
     except RecursionError:
         raise ConfigError(f"{where}: YAML nested too deeply") from None
+    finally:
+        loader.dispose()
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

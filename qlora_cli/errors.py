@@ -2,6 +2,7 @@
 
 import pickle
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 
@@ -31,3 +32,13 @@ def refusing_pickled_code(source: object) -> Iterator[None]:
             f"refusing to load {source}: a .bin/.pt file there holds Python objects, not only tensors "
             "(read with weights_only=True); re-save it as safetensors"
         ) from exc
+
+
+def read_text(path: Path, what: str) -> str:
+    """A UTF-8 file a command reads (prompts, questions, answers, reviews); unreadable is one line naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise QloraError(f"{what} {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise QloraError(f"cannot read {what} {path}: {exc.strerror}") from None

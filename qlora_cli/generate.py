@@ -15,8 +15,8 @@ import torch
 
 from qlora_cli.adapter import prompt_format, read_adapter
 from qlora_cli.config import ModelConfig, QuantizationConfig, load_recipe
-from qlora_cli.data.formats import DatasetFormat, template_conversation
-from qlora_cli.errors import QloraError
+from qlora_cli.data.formats import ChatRenderer, DatasetFormat, template_conversation
+from qlora_cli.errors import QloraError, read_text
 from qlora_cli.model import LoadedModel, load_for_inference
 from qlora_cli.run_folder import read_recipe
 
@@ -108,8 +108,7 @@ class Generator:
             return self.prompt_format.render_conversation(messages)
         tokenizer = self.loaded.tokenizer
         if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            return text.removeprefix(tokenizer.bos_token or "\x00")  # tokenization adds BOS
+            return ChatRenderer(tokenizer).conversation(messages)
         return template_conversation(lambda text: text, messages)
 
     @property
@@ -167,12 +166,7 @@ def load_generator(
 
 def read_prompts(path: Path) -> list[dict[str, Any]]:
     """JSON Lines or a JSON array (strings, or objects with a prompt, instruction or text field); else one per line."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise QloraError(f"prompts file {path} is not UTF-8 text") from None
-    except OSError as exc:
-        raise QloraError(f"cannot read prompts file {path}: {exc.strerror}") from None
+    text = read_text(path, "prompts file")
     if path.suffix not in (".jsonl", ".json"):
         records = [{"prompt": line} for line in text.splitlines() if line.strip()]
     elif text.lstrip().startswith("["):

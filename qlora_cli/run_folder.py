@@ -305,7 +305,7 @@ def resume_problems(checkpoint: Path) -> list[str]:
     for file in sorted(checkpoint.iterdir()) if checkpoint.is_dir() else []:
         if file.suffix in (".pt", ".pth") and not zipfile.is_zipfile(file):  # torch.save writes a zip archive
             problems.append(f"{file.name} is truncated or corrupt")
-        elif file.suffix == ".safetensors" and not _safetensors_readable(file):
+        elif file.suffix == ".safetensors" and safetensors_problem(file):
             problems.append(f"{file.name} is truncated or corrupt")
     if trained_steps(checkpoint) is None and not any(TRAINER_STATE_FILE in p for p in problems):
         problems.append(f"{TRAINER_STATE_FILE} is unreadable")
@@ -322,10 +322,6 @@ def safetensors_problem(file: Path) -> str | None:
     except Exception as exc:  # SafetensorError, OSError: whatever the file is, it is not one
         return f"{file}: not a readable safetensors file ({str(exc).splitlines()[0][:120]})"
     return None
-
-
-def _safetensors_readable(file: Path) -> bool:
-    return safetensors_problem(file) is None
 
 
 def resume_checkpoint(path: Path) -> Path:

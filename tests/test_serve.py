@@ -314,3 +314,16 @@ def test_serve_without_its_extra_says_what_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))
     with pytest.raises(QloraError, match=r"qlora serve needs fastapi: pip install 'qlora-cli\[serve\]'"):
         serve(ServeTarget("m", (), None), host="127.0.0.1", port=0, api_key=None, max_batch_size=1, limits=Limits())
+
+
+def test_adapters_of_different_bases_are_refused_on_one_server(tmp_path):
+    from qlora_cli.adapter import read_adapter
+    from qlora_cli.errors import QloraError
+    from qlora_cli.serve.models import _check_same_base
+    from tests.test_adapter import fake_adapter
+
+    one = read_adapter(fake_adapter(tmp_path / "one", config={"peft_type": "LORA", "base_model_name_or_path": "a/x"}))
+    two = read_adapter(fake_adapter(tmp_path / "two", config={"peft_type": "LORA", "base_model_name_or_path": "b/y"}))
+    _check_same_base("one", one, "one-again", one, None)
+    with pytest.raises(QloraError, match="trained on different bases .*serve them from two servers"):
+        _check_same_base("one", one, "two", two, None)

@@ -84,7 +84,8 @@ class Engine:
         model = self._waiting[0].model
         batch = [job for job in self._waiting if job.model == model and not job.cancelled.is_set()]
         batch = batch[: self.max_batch_size]
-        self._waiting = deque(job for job in self._waiting if job not in batch and not job.cancelled.is_set())
+        taken = {id(job) for job in batch}  # by identity: two requests may be equal field for field
+        self._waiting = deque(job for job in self._waiting if id(job) not in taken and not job.cancelled.is_set())
         return batch
 
     @torch.no_grad()

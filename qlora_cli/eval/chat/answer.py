@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 from qlora_cli.errors import QloraError
 from qlora_cli.eval.chat.benchmarks import PAPER_SYSTEM, Question, load_questions
+from qlora_cli.eval.chat.records import read_records
 
 
 _NEXT_CONVERSATION = "A chat between a curious human and an artificial intelligence"
@@ -63,19 +64,10 @@ def answer(request: AnswerRequest) -> Path:
 def read_answers(path: Path) -> list[dict[str, Any]]:
     """Our answers files, or the paper's (`generation` instead of `text`, ids made from the text)."""
     records = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise QloraError(f"answers file {path} is not UTF-8 text") from None
-    except OSError as exc:
-        raise QloraError(f"cannot read answers {path}: {exc.strerror}") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for number, record in read_records(path, "answers file"):
         try:
-            record = json.loads(line)
             text = record.get("generation_truncated") or record.get("generation") or record["text"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (AttributeError, KeyError, TypeError) as exc:
             raise QloraError(f"{path}:{number}: not an answer record ({exc})") from None
         # The paper's generations run on past the answer into a new conversation; its judge cut them there.
         text = text.split(_NEXT_CONVERSATION)[0] if "generation" in record else text

@@ -7,7 +7,6 @@ so each model is asked in its own prompt format.
 
 from __future__ import annotations
 
-import json
 import re
 import urllib.error
 import urllib.request
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from qlora_cli.builtin import cache_dir
 from qlora_cli.errors import QloraError
+from qlora_cli.eval.chat.records import read_records
 
 # The files the paper's scripts read: FastChat's Vicuna questions at the commit its eval_gpt_review.py names,
 # and the OpenAssistant prompts of artidoro/qlora.
@@ -58,20 +58,11 @@ def load_questions(benchmark: str, limit: int | None = None) -> list[Question]:
 
 
 def read_questions(path: Path) -> list[Question]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise QloraError(f"questions file {path} is not UTF-8 text") from None
-    except OSError as exc:
-        raise QloraError(f"cannot read questions {path}: {exc.strerror}") from None
     questions = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for number, record in read_records(path, "questions file"):
         try:
-            record = json.loads(line)
             questions.append(Question(record["question_id"], record["text"], record.get("category", "general")))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (AttributeError, KeyError, TypeError) as exc:
             raise QloraError(f"{path}:{number}: expected FastChat's {{question_id, text, category}} ({exc})") from None
     if not questions:
         raise QloraError(f"{path} holds no questions")

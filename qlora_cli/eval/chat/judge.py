@@ -21,6 +21,7 @@ from typing import Any
 from qlora_cli.errors import QloraError
 from qlora_cli.eval.chat.answer import openai_client, read_answers
 from qlora_cli.eval.chat.benchmarks import load_questions
+from qlora_cli.eval.chat.records import read_records
 from qlora_cli.eval.chat.reviews import parse_pairwise, parse_relative
 
 _TEMPLATE = (
@@ -89,7 +90,9 @@ def judge(request: JudgeRequest) -> list[Path]:
     if request.mode not in DEFAULT_PROMPTS:
         raise QloraError(f"--mode {request.mode!r}: relative or pairwise")
     calls = plan_calls(request)
-    pending = [call for call in calls if call.key not in _done(call.file, request)]
+    files = sorted({call.file for call in calls})
+    done = {file: _done(file, request) for file in files}
+    pending = [call for call in calls if call.key not in done[call.file]]
     tokens = sum(len(call.system) + len(call.user) for call in pending) // 4
     print(
         f"{len(pending)} judge calls to make ({len(calls) - len(pending)} of {len(calls)} already reviewed), about "
@@ -97,7 +100,6 @@ def judge(request: JudgeRequest) -> list[Path]:
         f"tokens from {request.judge_model}",
         file=sys.stderr,
     )
-    files = sorted({call.file for call in calls})
     if request.dry_run or not pending:
         return files
     client = openai_client(request.endpoint, request.api_key_env, request.max_retries)
@@ -173,11 +175,11 @@ def _question_texts(request: JudgeRequest, answers: list[dict[str, Any]]) -> dic
 def _prompts(request: JudgeRequest) -> list[dict[str, Any]]:
     if request.judge_prompts is None:
         return DEFAULT_PROMPTS[request.mode]
+    prompts = [prompt for _, prompt in read_records(request.judge_prompts, "judge prompts")]
     try:
-        prompts = [json.loads(line) for line in request.judge_prompts.read_text().splitlines() if line.strip()]
         for prompt in prompts:
             prompt["system_prompt"], prompt["prompt_template"], prompt["prompt_id"]  # noqa: B018
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (KeyError, TypeError) as exc:
         raise QloraError(f"--judge-prompts {request.judge_prompts}: not FastChat judge prompts ({exc})") from None
     return prompts
 
@@ -185,13 +187,11 @@ def _prompts(request: JudgeRequest) -> list[dict[str, Any]]:
 def _done(file: Path, request: JudgeRequest) -> set[tuple]:
     if not file.exists():
         return set()
-    done = set()
-    for line in file.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            review = json.loads(line)
-            if (review.get("metadata") or {}).get("judge") == request.judge_model:
-                done.add((str(review["question_id"]), review["answer1_id"], review["answer2_id"]))
-    return done
+    return {
+        (str(review["question_id"]), review["answer1_id"], review["answer2_id"])
+        for _, review in read_records(file, "review file")
+        if (review.get("metadata") or {}).get("judge") == request.judge_model
+    }
 
 
 def _ask(client: Any, request: JudgeRequest, call: Call) -> str:

@@ -7,13 +7,13 @@ pairwise mode (first better, second better, tie); -1 (or [-1, -1]) marks a reply
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qlora_cli.errors import QloraError
+from qlora_cli.eval.chat.records import read_records
 
 UNPARSED_RELATIVE = [-1.0, -1.0]
 UNPARSED_PAIRWISE = -1
@@ -77,17 +77,10 @@ def read_review_dir(folder: Path) -> list[ReviewFile]:
 
 def read_review_file(path: Path) -> ReviewFile:
     reviews = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise QloraError(f"review file {path} is not UTF-8 text") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for number, record in read_records(path, "review file"):
         try:
-            record = json.loads(line)
             record["question_id"], record["answer1_id"], record["answer2_id"], record["text"]  # noqa: B018
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (KeyError, TypeError) as exc:
             raise QloraError(f"{path}:{number}: not a review record ({exc})") from None
         reviews.append(record)
     mode = "relative" if reviews and isinstance(reviews[0].get("score"), list) else "pairwise"

@@ -19,7 +19,7 @@ def summarize_scores(folder: Path, *, reference: Path | None, output: Path | Non
     files = read_review_dir(folder)
     reference_ids = {a["answer_id"] for a in read_answers(reference)} if reference else None
     scores = relative_scores(files, reference_ids=reference_ids, resamples=resamples, seed=seed)
-    _keep(folder, "relative", as_json(scores), output)
+    _keep(RunFolder.enclosing(folder), "relative", as_json(scores), output)
     return relative_table(scores)
 
 
@@ -30,16 +30,16 @@ def summarize_elo(folder: Path, *, output: Path | None, chart: Path | None, orde
     charts = [chart or (output.with_suffix(".png") if output else None)]
     charts.append(run.path / FIGURES_DIR / "elo.png" if run is not None else None)
     written = [elo_chart(ratings, path) for path in charts if path is not None]
-    _keep(folder, "elo", as_json(ratings), output)
+    _keep(run, "elo", as_json(ratings), output)
     unparsed = sum(f.unparsed for f in files if f.mode == "pairwise")
     return elo_table(ratings, orderings, unparsed) + "".join(f"\nChart: {path}" for path in written)
 
 
-def _keep(folder: Path, key: str, rows: list[dict], output: Path | None) -> None:
+def _keep(run: RunFolder | None, key: str, rows: list[dict], output: Path | None) -> None:
+    """The table as --output JSON, and in the run the reviews lie in (with its report rewritten)."""
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(rows, indent=2) + "\n")
-    run = RunFolder.enclosing(folder)
     if run is not None:
         from qlora_cli.report import write_report
 
