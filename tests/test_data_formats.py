@@ -253,6 +253,16 @@ def test_messages_strip_the_bos_and_eos_that_tokenization_adds(tokenizer):
     assert examples == [Example("<|im_start|>user\nHi</s><|im_start|>assistant\n", "Hello!")]
 
 
+def test_an_end_of_turn_that_is_the_eos_is_not_trained_twice(tokenizer):
+    """SmolLM2's ChatML: `<|im_end|>` is the EOS and each turn ends `<|im_end|>\n`; tokenization adds the EOS."""
+    tokenizer.chat_template = CHATML.replace("<|im_end|>\n{% endfor %}", "{{ eos_token }}\n{% endfor %}")
+    try:
+        examples = FORMATS["messages"].for_tokenizer(tokenizer).examples({"messages": CONVERSATION["messages"][1:3]})
+    finally:
+        tokenizer.chat_template = None
+    assert examples == [Example("<|im_start|>user\nHi</s>\n<|im_start|>assistant\n", "Hello!")]
+
+
 @pytest.mark.parametrize(
     ("messages", "reason"),
     [

@@ -1,39 +1,284 @@
-"""On a real pretrained model, SmolLM2-135M-Instruct (from ../shared/data as GGUF): QLoRA training helps."""
+"""On a real pretrained model, SmolLM2-135M-Instruct (from ../shared/data as GGUF): training, merging, chat, MMLU."""
 
 from __future__ import annotations
 
+import gzip
+import io
+import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 from tests.conftest import REPO
 
 SHARED = REPO.parent / "shared" / "data"
 GGUF = SHARED / "models" / "smollm2-135m-instruct-gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 OASST1 = SHARED / "oasst1" / "qlora_oa_questions.jsonl"
+HH_RLHF = SHARED / "hh_rlhf" / "helpful-base" / "test.jsonl.gz"
+MMLU = SHARED / "mmlu"
 pytestmark = pytest.mark.skipif(not GGUF.is_file() or not OASST1.is_file(), reason="../shared/data is absent")
+END_OF_TURN = "<|im_end|>"  # ChatML's; SmolLM2's EOS
 
 
-def test_the_bundled_smollm2_recipe_lowers_held_out_loss_on_real_oasst1(tmp_path: Path):
-    """The shipped recipe, pointed at the shared GGUF and OASST1, shortened to 10 steps of 2 examples."""
+@dataclass
+class TrainedSmolLM2:
+    loaded: Any  # the trained model as it left training: NF4 base + LoRA, in memory
+    adapter: Path  # the same adapter saved as `qlora train` saves it, with its recipe
+    held_out: Any  # tokenized held-out OASST1 examples
+    loss_before: float
+    loss_after: float
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainedSmolLM2:
+    """The shipped recipe, pointed at the shared GGUF and OASST1, shortened to 10 steps of 2 examples.
+
+    Computed in fp32 whatever the CPU, so the merge check runs at its fp32 tolerance.
+    """
     from qlora_cli.config import load_recipe
     from qlora_cli.data import prepare_data
     from qlora_cli.model import add_lora, load_model
+    from qlora_cli.run_folder import RECIPE_FILE
     from qlora_cli.trainer import build_trainer
 
+    run = tmp_path_factory.mktemp("smollm2-run")
     recipe = load_recipe("smollm2-135m-guanaco", [
-        f"output_dir={tmp_path / 'run'}", f"model.name_or_path={GGUF}", f"data.path={OASST1}",
+        f"output_dir={run}", f"model.name_or_path={GGUF}", f"data.path={OASST1}", "quantization.compute_dtype=fp32",
         "data.target_max_len=96", "data.eval_size=16", "data.max_eval_samples=16", "eval.mmlu=null",
         "training.batch_size=2", "training.gradient_accumulation_steps=1", "training.max_steps=10",
         "training.learning_rate=1e-3", "training.eval_steps=10", "training.eval_batch_size=4",
         "training.save_steps=100", "training.gradient_checkpointing=false",
     ])  # fmt: skip
-    (tmp_path / "run").mkdir()
     loaded = load_model(recipe.model, recipe.quantization)
     loaded.model = add_lora(loaded.model, recipe.lora, kind=loaded.kind)
-    trainer = build_trainer(recipe, loaded, prepare_data(recipe.data, loaded.tokenizer, kind=loaded.kind, seed=0))
+    data = prepare_data(recipe.data, loaded.tokenizer, kind=loaded.kind, seed=0)
+    trainer = build_trainer(recipe, loaded, data)
     before = trainer.evaluate()["eval_loss"]
     trainer.train()
     after = next(e["eval_loss"] for e in reversed(trainer.state.log_history) if "eval_loss" in e)
-    print(f"held-out loss {before:.4f} -> {after:.4f}")
-    assert after < before - 0.1
+    adapter = run / "adapter"
+    loaded.model.save_pretrained(adapter)
+    loaded.tokenizer.save_pretrained(adapter)
+    (adapter / RECIPE_FILE).write_text(recipe.to_yaml())
+    loaded.model.eval()
+    return TrainedSmolLM2(loaded, adapter, data.eval, before, after)
+
+
+def test_the_bundled_smollm2_recipe_lowers_held_out_loss_on_real_oasst1(trained: TrainedSmolLM2):
+    print(f"held-out loss {trained.loss_before:.4f} -> {trained.loss_after:.4f}")
+    assert trained.loss_after < trained.loss_before - 0.1
+
+
+# --------------------------------------------------------------------------- merge-adapter
+
+
+@torch.no_grad()
+def _logits(model: Any, rows: list[list[int]]) -> list[torch.Tensor]:
+    return [model(input_ids=torch.tensor([row])).logits.float() for row in rows]
+
+
+def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
+def test_the_merged_tied_embedding_model_loads_with_plain_transformers_and_is_the_trained_model(
+    trained: TrainedSmolLM2, cli, tmp_path: Path
+):
+    """Judged on held-out OASST1 text, not on the merge's own check prompts."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged"
+    code, stdout, stderr = cli("merge-adapter", "--adapter", str(trained.adapter), "--output", str(out))
+    assert code == 0, stderr
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["dtype"] == "fp32" and report["base_weights"] == "nf4-roundtrip"
+    assert report["max_abs_logit_diff"] <= report["tolerance"] == 1e-3
+    assert not (out / "adapter_config.json").exists()  # else transformers would load it as an adapter, via peft
+
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    head, embeddings = merged.get_output_embeddings().weight, merged.get_input_embeddings().weight
+    assert merged.config.tie_word_embeddings and head.data_ptr() == embeddings.data_ptr()
+    with safe_open(next(out.glob("*.safetensors")), "pt") as stored:
+        assert not any(name.startswith("lm_head") for name in stored.keys())  # saved once, as the embeddings
+    assert torch.equal(head, trained.loaded.model.get_output_embeddings().weight)  # LoRA never touched the head
+
+    rows = [row["input_ids"] for row in trained.held_out.select(range(3))]
+    with_adapter = _logits(trained.loaded.model, rows)
+    with trained.loaded.model.disable_adapter():
+        base_only = _logits(trained.loaded.model, rows)
+    difference, effect = _max_diff(_logits(merged, rows), with_adapter), _max_diff(with_adapter, base_only)
+    print(f"merge report: {report['max_abs_logit_diff']:.2e} (adapter effect {report['adapter_effect']:.2f}); "
+          f"held-out text: merged vs trained {difference:.2e}, adapter effect {effect:.2f}")  # fmt: skip
+    assert effect > 1.0 and report["adapter_effect"] > 1.0  # a real adapter, which a lossy merge would lose
+    assert difference <= report["tolerance"]
+
+
+# --------------------------------------------------------------------------- chat data and generation
+
+
+def _hh_conversations(n: int) -> list[list[dict[str, str]]]:
+    """Real multi-turn HH-RLHF transcripts as `messages`; short ones, so nothing is truncated."""
+    conversations = []
+    with gzip.open(HH_RLHF, "rt", encoding="utf-8") as f:
+        for line in f:
+            parts = re.split(r"\n\n(Human|Assistant): ", json.loads(line)["chosen"])
+            roles = {"Human": "user", "Assistant": "assistant"}
+            messages = [{"role": roles[r], "content": t} for r, t in zip(parts[1::2], parts[2::2])]
+            if parts[0] or len(parts) > 12 or not all(m["content"].strip() for m in messages):
+                continue
+            conversations.append(messages)
+            if len(conversations) == n:
+                return conversations
+    raise AssertionError(f"fewer than {n} short conversations in {HH_RLHF}")
+
+
+@pytest.mark.skipif(not HH_RLHF.is_file(), reason="../shared/data/hh_rlhf is absent")
+def test_chat_data_in_the_models_chatml_template_trains_on_exactly_the_assistant_turns(tmp_path: Path):
+    """Each example is, token for token, the template's rendering up to its reply's end of turn, and only the
+    reply and its `<|im_end|>` are labelled; one has a system turn, the others get the template's default one."""
+    from qlora_cli.config import DataConfig, ModelConfig
+    from qlora_cli.data import prepare_data
+    from qlora_cli.model import load_tokenizer
+    from qlora_cli.model_kind import IGNORE_INDEX, CausalLM
+
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(GGUF)))
+    assert tokenizer.eos_token == END_OF_TURN and "<|im_start|>" in tokenizer.chat_template
+    conversations = _hh_conversations(4)
+    conversations[0].insert(0, {"role": "system", "content": "You answer briefly."})
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in conversations))
+    cfg = DataConfig(dataset="messages", path=str(data), eval_size=0, source_max_len=2048, target_max_len=1024)
+    prepared = prepare_data(cfg, tokenizer, kind=CausalLM(), seed=0)
+    assert not prepared.skipped and not any(prepared.train["truncated"])
+
+    turns = [(m, j) for m in conversations for j, message in enumerate(m) if message["role"] == "assistant"]
+    assert len(prepared.train) == len(turns) > len(conversations)
+    opening = "<|im_start|>assistant\n"
+    for n, (row, (messages, j)) in enumerate(zip(prepared.train, turns)):
+        text = tokenizer.apply_chat_template(messages[: j + 1], tokenize=False)
+        start = text.rindex(opening) + len(opening)
+        end = start + len(messages[j]["content"] + END_OF_TURN)
+        assert text[start:end] == messages[j]["content"] + END_OF_TURN and not text[end:].strip()
+        template = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        through_reply = [t for t, (_, stop) in zip(template["input_ids"], template["offset_mapping"]) if stop <= end]
+        reply = [i for i, (first, stop) in enumerate(template["offset_mapping"]) if first >= start and stop <= end]
+        assert row["input_ids"] == through_reply, f"example {n}"
+        assert [i for i, label in enumerate(row["labels"]) if label != IGNORE_INDEX] == reply, f"example {n}"
+        assert [row["labels"][i] for i in reply] == [row["input_ids"][i] for i in reply]
+        assert row["input_ids"][reply[-1]] == tokenizer.eos_token_id
+
+
+class TokenRecorder:
+    """A generation streamer that keeps the token ids: `generate` hands it the prompt, then each new token."""
+
+    def __init__(self) -> None:
+        self.puts: list[list[int]] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts.append(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        pass
+
+    @property
+    def generated(self) -> list[int]:
+        return [token for put in self.puts[1:] for token in put]
+
+
+@pytest.fixture(scope="module")
+def plain_smollm2() -> Any:
+    """The GGUF model itself (no adapter), as `qlora generate/chat --model FILE.gguf` load it, in fp32."""
+    from qlora_cli.config import ModelConfig, QuantizationConfig
+    from qlora_cli.model import load_for_inference
+
+    return load_for_inference(ModelConfig(name_or_path=str(GGUF)), QuantizationConfig(bits=16, compute_dtype="fp32"))
+
+
+def _greedy_run_on(loaded: Any, messages: list[dict[str, str]], tokens: int) -> list[int]:
+    """What the model writes after the template's generation prompt when nothing stops it."""
+    prompt = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = loaded.model.generate(ids, max_new_tokens=tokens, do_sample=False, eos_token_id=None,
+                                   pad_token_id=loaded.tokenizer.pad_token_id)
+    return out[0, len(prompt) :].tolist()
+
+
+def _reply_before_end_of_turn(loaded: Any, tokens: list[int]) -> str:
+    end = loaded.tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    assert end in tokens, "the model did not end its turn"
+    return loaded.tokenizer.decode(tokens[: tokens.index(end)], skip_special_tokens=True).strip()
+
+
+def test_generate_in_the_chat_format_stops_at_the_end_of_turn(plain_smollm2: Any):
+    """`qlora generate` with a recipe whose data is `messages`: prompts in ChatML, the reply ends at `<|im_end|>`."""
+    from qlora_cli.data.formats import FORMATS
+    from qlora_cli.generate import Generator, Sampling
+
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    generator = Generator(plain_smollm2, FORMATS["messages"].for_tokenizer(plain_smollm2.tokenizer))
+    recorder = TokenRecorder()
+    (reply,) = generator.generate([generator.format(question[0]["content"])], Sampling(max_new_tokens=32), recorder)
+    end = plain_smollm2.tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    ids = recorder.generated
+    print(f"reply {reply!r} in {len(ids)} tokens")
+    assert ids[-1] == end and end not in ids[:-1] and len(ids) < 32
+    assert "Paris" in reply and reply == plain_smollm2.tokenizer.decode(ids[:-1]).strip()
+    unstopped = _greedy_run_on(plain_smollm2, question, len(ids) + 8)
+    assert unstopped[: len(ids)] == ids  # the same greedy reply, which the model would carry on past its turn:
+    assert plain_smollm2.tokenizer.decode(unstopped[len(ids) :], skip_special_tokens=True).strip()
+
+
+def test_chat_replies_stop_at_the_end_of_turn_and_the_history_is_the_template(plain_smollm2: Any):
+    """`qlora chat --model FILE.gguf`: no recipe, so the tokenizer's own template renders the conversation."""
+    from qlora_cli.chat import chat
+    from qlora_cli.generate import Generator, Sampling
+
+    questions = ["What is the capital of France?", "And of Italy?"]
+    out = io.StringIO()
+    sampling = Sampling(max_new_tokens=32, temperature=0.0, batch_size=1)
+    typed = io.StringIO("".join(question + "\n" for question in questions))
+    chat(Generator(plain_smollm2, None), sampling, typed, out, interactive=False)
+    expected: list[str] = []
+    history: list[dict[str, str]] = []
+    for question in questions:
+        history.append({"role": "user", "content": question})
+        expected.append(_reply_before_end_of_turn(plain_smollm2, _greedy_run_on(plain_smollm2, history, 16)))
+        history.append({"role": "assistant", "content": expected[-1]})
+    print(f"replies {expected}")
+    assert out.getvalue() == "".join(reply + "\n" for reply in expected)
+    assert "Paris" in expected[0] and "Rome" in expected[1]
+
+
+# --------------------------------------------------------------------------- MMLU
+
+
+@pytest.mark.skipif(not (MMLU / "qlora" / "zero_shot_mmlu_test.json").is_file(), reason="../shared/data/mmlu is absent")
+def test_mmlu_from_the_hendrycks_csvs_scores_as_from_the_paper_codes_prompt_file(plain_smollm2: Any):
+    """Zero-shot test questions: the prompts we build are the paper file's, and so is every prediction.
+
+    Scored in batches of different sizes (so with different left padding), which must not matter either.
+    """
+    from qlora_cli.config import MmluEvalConfig
+    from qlora_cli.eval.mmlu import evaluate, load_items
+
+    subjects, limit = ["high_school_geography", "marketing"], 4
+    common = {"split": "test", "shots": 0, "subjects": subjects, "limit": limit}
+    ours = load_items(MmluEvalConfig(data=str(MMLU / "hendrycks"), **common), plain_smollm2.tokenizer)
+    paper = load_items(MmluEvalConfig(data=str(MMLU / "qlora" / "zero_shot_mmlu_test.json"), **common), None)
+    assert len(ours) == 2 * limit
+    fields = [[(i.subject, i.index, i.prompt, i.answer) for i in items] for items in (ours, paper)]
+    assert fields[0] == fields[1]
+    ours_scored = evaluate(plain_smollm2, ours, batch_size=8).predictions
+    paper_scored = evaluate(plain_smollm2, paper, batch_size=3).predictions
+    keys = ("subject", "index", "answer", "prediction")
+    assert [[p[k] for k in keys] for p in ours_scored] == [[p[k] for k in keys] for p in paper_scored]
+    difference = max(abs(a["logits"][k] - b["logits"][k]) for a, b in zip(ours_scored, paper_scored) for k in "ABCD")
+    correct = sum(p["prediction"] == p["answer"] for p in paper_scored)
+    print(f"{len(ours)} questions, same predictions ({correct} correct); letter logits within {difference:.1e}")
+    assert difference < 1e-3

@@ -285,8 +285,9 @@ class ChatRenderer:
         return text.removeprefix(bos) if bos else text
 
     def _strip_eos(self, text: str) -> str:
-        eos = self.tokenizer.eos_token
-        return text.removesuffix(eos) if eos else text
+        """Also the whitespace after it (ChatML's newline): nothing after EOS is ever generated."""
+        eos, reply = self.tokenizer.eos_token, text.rstrip()
+        return reply.removesuffix(eos) if eos and reply.endswith(eos) else text
 
 
 def _trailing_question(record: dict[str, Any]) -> str | None:
