@@ -34,16 +34,18 @@ class TrainedAdapter:
         """How the base was quantized in training; without a recipe, the paper's NF4 + double quant."""
         return self.recipe.quantization if self.recipe else QuantizationConfig()
 
-    def base_model(self, override: str | None = None) -> ModelConfig:
+    def base_model(self, override: ModelConfig | None = None) -> ModelConfig:
         """The recorded base (the recipe's, else peft's), with the tokenizer training saved beside the adapter."""
         tokenizer = str(self.path) if (self.path / TOKENIZER_CONFIG_FILE).is_file() else None
         if self.recipe:
             cfg = self.recipe.model
             updates: dict[str, Any] = {"tokenizer": tokenizer or cfg.tokenizer}
             if override:
-                updates["name_or_path"] = override
+                updates |= {"name_or_path": override.name_or_path, "gguf_file": override.gguf_file}
             return cfg.model_copy(update=updates)
-        name = override or self.config.get("base_model_name_or_path")
+        if override:
+            return override.model_copy(update={"tokenizer": tokenizer or override.tokenizer})
+        name = self.config.get("base_model_name_or_path")
         if not name:
             raise QloraError(f"{self.path / ADAPTER_CONFIG_FILE} records no base model: pass the base model explicitly")
         return ModelConfig(name_or_path=name, tokenizer=tokenizer, revision=self.config.get("revision"))

@@ -40,6 +40,13 @@ Overrides = Annotated[
 ]
 
 
+GgufOption = Annotated[
+    Optional[str],
+    typer.Option("--gguf-file", help="A GGUF file in the --model folder or hub repo (needs the gguf extra).",
+                 show_default=False),
+]
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"qlora {__version__}")
@@ -244,6 +251,7 @@ def eval_mmlu(
     config: Annotated[
         Optional[Path], typer.Option("--config", "-c", help="Recipe: model, quantization and its run's adapter.")
     ] = None,
+    gguf_file: GgufOption = None,
     data: Annotated[
         Optional[str], typer.Option(help="Hendrycks folder, or the paper's JSON Lines; default: cais/mmlu (hub).")
     ] = None,
@@ -259,10 +267,10 @@ def eval_mmlu(
     """MMLU accuracy as the QLoRA paper reports it (5-shot mean over subjects); 0-shot too."""
     from qlora_cli.config import MmluEvalConfig, load_recipe
     from qlora_cli.eval.mmlu import format_table, run_mmlu
-    from qlora_cli.model import inference_target
+    from qlora_cli.model import chosen_model, inference_target
 
     recipe = load_recipe(config) if config else None
-    target = inference_target(recipe, model, quantization and quantization.value, adapter)
+    target = inference_target(recipe, chosen_model(model, gguf_file), quantization and quantization.value, adapter)
     cfg = MmluEvalConfig(
         data=data,
         split=split.value,
@@ -292,6 +300,7 @@ def chat_answer(
     model: Annotated[
         Optional[str], typer.Option(help="A local model folder or hub id; with --endpoint, the model it serves.")
     ] = None,
+    gguf_file: GgufOption = None,
     config: RecipeOption = None,
     endpoint: Annotated[
         Optional[str], typer.Option(help="OpenAI-compatible base URL (qlora serve, vLLM, a hosted API), e.g. …/v1.")
@@ -314,7 +323,7 @@ def chat_answer(
         raise QloraError("pass --adapter, --model (a local model), or --endpoint with --model (the model it serves)")
     system = None if no_system else PAPER_SYSTEM
     request = AnswerRequest(benchmark, output, adapter, model, config, endpoint, api_key_env, system, temperature,
-                            top_p, max_tokens, batch_size, seed, limit)  # fmt: skip
+                            top_p, max_tokens, batch_size, seed, limit, gguf_file)  # fmt: skip
     typer.echo(f"Answers in {answer(request)}")
 
 
@@ -425,6 +434,10 @@ def merge_adapter(
     base: Annotated[
         Optional[str], typer.Option(help="Base model folder or hub id (default: the one recorded with the adapter).")
     ] = None,
+    gguf_file: Annotated[
+        Optional[str],
+        typer.Option("--gguf-file", help="A GGUF file in --base (a folder or hub repo).", show_default=False),
+    ] = None,
     dtype: Annotated[
         Literal["auto", "bf16", "fp16", "fp32"],
         typer.Option(help="dtype of the merged weights; auto: the one training computed in (fp32 on the CPU)."),
@@ -450,14 +463,17 @@ def merge_adapter(
 ) -> None:
     from qlora_cli.merge import MergeRequest
     from qlora_cli.merge import merge_adapter as run_merge
+    from qlora_cli.model import chosen_model
 
-    report = run_merge(MergeRequest(adapter, output, base, dtype, base_weights, device, overwrite, tolerance))
+    base_model = chosen_model(base, gguf_file, option="--base")
+    report = run_merge(MergeRequest(adapter, output, base_model, dtype, base_weights, device, overwrite, tolerance))
     typer.echo(report.summary())
 
 
 @app.command()
 def generate(
     model: ModelOption = None,
+    gguf_file: GgufOption = None,
     adapter: AdapterOption = None,
     config: RecipeOption = None,
     prompt: Annotated[Optional[str], typer.Option(help="One prompt; prints the reply.")] = None,
@@ -475,11 +491,12 @@ def generate(
     import json
 
     from qlora_cli.generate import Sampling, generate_records, load_generator, read_prompts
+    from qlora_cli.model import chosen_model
 
     if (prompt is None) == (prompts is None):
         raise QloraError("pass either --prompt TEXT or --prompts FILE")
     records = [{"prompt": prompt}] if prompt is not None else read_prompts(prompts)
-    generator = load_generator(model, adapter, config)
+    generator = load_generator(chosen_model(model, gguf_file), adapter, config)
     results = generate_records(generator, records, Sampling(max_new_tokens, temperature, top_p, batch_size))
     for result in results:
         typer.echo(result["output"] if prompt is not None else json.dumps(result, ensure_ascii=False))
@@ -488,6 +505,7 @@ def generate(
 @app.command()
 def chat(
     model: ModelOption = None,
+    gguf_file: GgufOption = None,
     adapter: AdapterOption = None,
     config: RecipeOption = None,
     max_new_tokens: MaxNewTokens = 256,
@@ -498,8 +516,9 @@ def chat(
     from qlora_cli.chat import HELP
     from qlora_cli.chat import chat as run_chat
     from qlora_cli.generate import Sampling, load_generator
+    from qlora_cli.model import chosen_model
 
-    generator = load_generator(model, adapter, config)
+    generator = load_generator(chosen_model(model, gguf_file), adapter, config)
     fmt = generator.prompt_format.name if generator.prompt_format else "prompts as typed"
     typer.echo(f"Chatting with {generator.loaded.source} ({fmt} format). {HELP}", err=True)
     sampling = Sampling(max_new_tokens, temperature, top_p, batch_size=1)
@@ -515,6 +534,7 @@ def serve(
     model: Annotated[
         Optional[str], typer.Option(help="A merged or plain model (folder or hub id), or the base for --adapter.")
     ] = None,
+    gguf_file: GgufOption = None,
     config: Annotated[
         Optional[Path], typer.Option("--config", "-c", help="Recipe: its prompt format, and its run when nothing else is given.")
     ] = None,
@@ -532,9 +552,10 @@ def serve(
     ] = False,
 ) -> None:
     """Serve a model and its trained adapters with the OpenAI API: /v1/chat/completions, /v1/completions."""
+    from qlora_cli.model import chosen_model
     from qlora_cli.serve.models import resolve_target, vllm_command
 
-    target = resolve_target(model, adapter or [], config)
+    target = resolve_target(chosen_model(model, gguf_file), adapter or [], config)
     if print_vllm_command:
         typer.echo(vllm_command(target, host=host, port=port, api_key=api_key))
         return

@@ -99,7 +99,11 @@ class TrainingConfig(_Section):
     max_grad_norm: float = Field(0.3, gt=0)
     adam_beta2: float = Field(0.999, gt=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto",
+        description="auto = off where `qlora plan` predicts the run fits the memory there without it "
+        "(with a margin), on otherwise; decided when training starts.",
+    )
     group_by_length: bool = True
     logging_steps: int = Field(10, gt=0)
     save_steps: int = Field(250, gt=0)
@@ -127,6 +131,13 @@ class TrainingConfig(_Section):
         from transformers.trainer_utils import SchedulerType
 
         return _one_of(value, [choice.value for choice in SchedulerType])
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing(cls, value: Any) -> Any:
+        if isinstance(value, bool) or value == "auto":
+            return value
+        raise ValueError(f"must be true, false or auto, not {value!r}")
 
     @field_validator("report_to", mode="before")
     @classmethod

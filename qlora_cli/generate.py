@@ -139,7 +139,7 @@ class Generator:
 
 
 def load_generator(
-    model: str | None, adapter: Path | None = None, config: Path | None = None, *, device: str | None = None
+    model: ModelConfig | None, adapter: Path | None = None, config: Path | None = None, *, device: str | None = None
 ) -> Generator:
     """With an adapter: its base quantized as in training; without: a plain (e.g. merged) model in 16 bits.
 
@@ -153,11 +153,11 @@ def load_generator(
         recipe = trained.recipe
         loaded = load_for_inference(trained.base_model(model), trained.quantization, trained.path, device=device)
     elif model:
-        if recipe is None and Path(model).is_dir():
-            recipe = read_recipe(Path(model))
+        if recipe is None and Path(model.name_or_path).is_dir():
+            recipe = read_recipe(Path(model.name_or_path))
         trust = bool(recipe and recipe.model.trust_remote_code)
         loaded = load_for_inference(
-            ModelConfig(name_or_path=model, trust_remote_code=trust), QuantizationConfig(bits=16), device=device
+            model.model_copy(update={"trust_remote_code": trust}), QuantizationConfig(bits=16), device=device
         )
     else:
         raise QloraError("pass --model (a model folder or hub id), --adapter (a trained adapter folder), or both")

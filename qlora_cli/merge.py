@@ -31,7 +31,7 @@ from typing import Any, Iterator, Literal
 import torch
 
 from qlora_cli.adapter import TrainedAdapter, prompt_format, read_adapter
-from qlora_cli.config import DataConfig, QuantizationConfig
+from qlora_cli.config import DataConfig, ModelConfig, QuantizationConfig
 from qlora_cli.data.tokenize import tokenize_example
 from qlora_cli.errors import QloraError
 from qlora_cli.generate import apply_format
@@ -57,7 +57,7 @@ CHECK_EXAMPLES = [
 class MergeRequest:
     adapter: Path
     output: Path
-    base: str | None = None  # default: the base recorded with the adapter
+    base: ModelConfig | None = None  # default: the base recorded with the adapter
     dtype: MergeDtype | Literal["auto"] = "auto"  # auto: the dtype training computed in, on this device
     base_weights: BaseWeights | None = None  # default: nf4-roundtrip when training quantized the base to 4 bits
     device: str | None = None
@@ -110,14 +110,17 @@ def merge_adapter(request: MergeRequest) -> MergeReport:
     meter = MemoryMeter(device)
     with meter.held_peak() as held:
         if base_weights == "nf4-roundtrip":
-            trained = load_for_inference(model_cfg, quant, adapter.path, device=device, as_trained=True)
+            # The trained model (NF4 base + adapter) computed in the merge's dtype: an fp32 merge of an adapter
+            # trained with bf16 compute is checked against the model itself, not against bf16 rounding noise.
+            as_merged = quant.model_copy(update={"compute_dtype": dtype})
+            trained = load_for_inference(model_cfg, as_merged, adapter.path, device=device, as_trained=True)
             reference, base_only = _logits_with_and_without_adapter(trained, adapter)
             quantized = _quantized_weights(trained.model)
             del trained
             _release_memory()
             loaded = load_for_inference(model_cfg, sixteen_bit, adapter.path, device=device, as_trained=True)
             _round_trip_in_place(loaded.model, quantized)
-            reference_name = f"4-bit {quant.quant_type} base + adapter, as trained"
+            reference_name = f"4-bit {quant.quant_type} base + adapter, as trained (computed in {dtype})"
         else:
             loaded = load_for_inference(model_cfg, sixteen_bit, adapter.path, device=device, as_trained=True)
             reference, base_only = _logits_with_and_without_adapter(loaded, adapter)

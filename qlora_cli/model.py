@@ -13,7 +13,7 @@ from qlora_cli.config import LoraConfig, ModelConfig, QuantizationConfig, Recipe
 from qlora_cli.data.tokenize import PaddingCollator
 from qlora_cli.errors import QloraError, refusing_pickled_code
 from qlora_cli.gguf import dequantized_folder, split_gguf_path
-from qlora_cli.kernels import choose_cpu_kernel, quiet_missing_kernels_package
+from qlora_cli.kernels import bf16_matrix_units, choose_cpu_kernel
 from qlora_cli.model_kind import ModelKind, kind_of
 from qlora_cli.run_folder import ADAPTER_CONFIG_FILE, has_adapter
 
@@ -31,20 +31,41 @@ def device_for_process() -> str:
     return "cpu"
 
 
-def resolve_compute_dtype(name: str, device: str | None = None) -> torch.dtype:
-    """`auto`: bf16 where the GPU has it, fp16 on older GPUs, fp32 on the CPU (bf16 there is ~60x slower)."""
+@dataclass(frozen=True)
+class ComputeDtype:
+    """The dtype 4-bit layers compute in, and why: runs state it, since `auto` depends on the machine."""
+
+    dtype: torch.dtype
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return dtype_name(self.dtype)
+
+
+def choose_compute_dtype(name: str, device: str | None = None) -> ComputeDtype:
+    """`auto`: bf16 where the GPU or CPU has bf16 units, fp16 on older GPUs, fp32 on CPUs without them."""
     device = device or device_for_process()
     on_gpu = device.startswith("cuda")
-    if name == "auto":
-        if not on_gpu:
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if name == "bf16" and on_gpu and not torch.cuda.is_bf16_supported():
-        raise QloraError(
-            "quantization.compute_dtype=bf16 but this GPU has no bf16: use fp16 (as the paper did on such GPUs) "
-            "or fp32"
-        )
-    return DTYPES[name]
+    if name != "auto":
+        if name == "bf16" and on_gpu and not torch.cuda.is_bf16_supported():
+            raise QloraError(
+                "quantization.compute_dtype=bf16 but this GPU has no bf16: use fp16 (as the paper did on such GPUs) "
+                "or fp32"
+            )
+        return ComputeDtype(DTYPES[name], f"quantization.compute_dtype={name}")
+    if on_gpu:
+        if torch.cuda.is_bf16_supported():
+            return ComputeDtype(torch.bfloat16, "auto: this GPU computes in bf16")
+        return ComputeDtype(torch.float16, "auto: this GPU has no bf16, so fp16 (as the paper on such GPUs)")
+    units = bf16_matrix_units()
+    if units:
+        return ComputeDtype(torch.bfloat16, f"auto: this CPU has {units} bf16 matrix units, so bf16 is faster than fp32")
+    return ComputeDtype(torch.float32, "auto: this CPU has no bf16 matrix units, so bf16 would be ~60x slower")
+
+
+def resolve_compute_dtype(name: str, device: str | None = None) -> torch.dtype:
+    return choose_compute_dtype(name, device).dtype
 
 
 def bnb_config(quant: QuantizationConfig, compute_dtype: torch.dtype, *, fsdp: bool = False) -> Any | None:
@@ -77,9 +98,13 @@ class LoadedModel:
     model: Any
     tokenizer: Any
     kind: ModelKind
-    compute_dtype: torch.dtype
+    compute: ComputeDtype
     source: str  # the resolved folder or hub id
     cpu_kernel: str | None  # how 4-bit layers multiply on the CPU (qlora_cli.kernels); None: no 4-bit layers
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.compute.dtype
 
     @property
     def device(self) -> torch.device:
@@ -137,13 +162,13 @@ def load_model(
     `fast_inference_kernel` lets a model that is not trained use bitsandbytes' fused CPU kernel where it
     computes what the model would (qlora_cli.kernels); training and merge checks never do.
     """
-    quiet_missing_kernels_package()  # before bitsandbytes is first imported (by from_pretrained)
     import transformers
     from transformers import AutoConfig
 
     device = device or device_for_process()
     source = model_source(cfg)
-    compute_dtype = resolve_compute_dtype(quant.compute_dtype, device)
+    compute = choose_compute_dtype(quant.compute_dtype, device)
+    compute_dtype = compute.dtype
     common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     model_config = _from_pretrained(AutoConfig.from_pretrained, source, "model", **common)
     kind = kind_of(model_config)
@@ -170,7 +195,7 @@ def load_model(
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         if gradient_checkpointing:  # also makes the embeddings' output require grad, for the LoRA layers after it
             model.activation_checkpointing_enable({"use_reentrant": False})
-    return LoadedModel(model, tokenizer, kind, compute_dtype, source, cpu_kernel)
+    return LoadedModel(model, tokenizer, kind, compute, source, cpu_kernel)
 
 
 def load_for_inference(
@@ -213,8 +238,15 @@ def attach_adapter(loaded: LoadedModel, adapter: str | os.PathLike, name: str = 
     loaded.model.eval()
 
 
+def chosen_model(model: str | None, gguf_file: str | None = None, *, option: str = "--model") -> ModelConfig | None:
+    """An inference command's `--model` (and `--gguf-file`, a GGUF file in that folder or hub repo)."""
+    if gguf_file is not None and model is None:
+        raise QloraError(f"--gguf-file names a file in {option} (a folder or hub repo): pass {option} too")
+    return None if model is None else ModelConfig(name_or_path=model, gguf_file=gguf_file)
+
+
 def inference_target(
-    recipe: Recipe | None, model: str | None, quantization: str | None, adapter: str | None
+    recipe: Recipe | None, model: ModelConfig | None, quantization: str | None, adapter: str | None
 ) -> tuple[ModelConfig, QuantizationConfig, str | None]:
     """What an inference command loads: its --model/--quantization/--adapter, or what a recipe's run produced.
 
@@ -224,10 +256,10 @@ def inference_target(
     if recipe is None:
         if model is None:
             raise QloraError("pass --model (a hub id, a local folder or builtin:tiny-llama) or --config RECIPE")
-        return ModelConfig(name_or_path=model), QuantizationConfig.named(quantization or "nf4"), adapter
+        return model, QuantizationConfig.named(quantization or "nf4"), adapter
     quant = recipe.quantization if quantization is None else QuantizationConfig.named(quantization)
     if model is not None:
-        return ModelConfig(name_or_path=model), quant, adapter
+        return model, quant, adapter
     run = recipe.output_dir
     if adapter is None and recipe.lora.enabled:
         if not has_adapter(run):

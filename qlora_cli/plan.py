@@ -4,17 +4,18 @@ The arithmetic mirrors what `qlora train` builds (model.py): linear layers store
 block constants, embeddings / head / norms upcast to fp32 by `prepare_model_for_kbit_training`, LoRA
 adapters kept in fp32 by peft, and the tensors autograd saves for a LLaMA layer under transformers 5
 (counted with `saved_tensors_hooks`, see tests/test_plan.py). scripts/bench_memory.py checks the
-prediction against measured peaks.
+prediction against measured peaks. `qlora train` asks it whether `gradient_checkpointing: auto` is needed.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from qlora_cli.config import QuantizationConfig, Recipe
+from qlora_cli.config import ModelConfig, QuantizationConfig, Recipe
 from qlora_cli.errors import QloraError
 
 GIB = 2**30
@@ -113,25 +114,42 @@ def known_architecture(name: str) -> Architecture | None:
 
 
 def architecture_for(
-    name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False
+    name_or_path: str, *, gguf_file: str | None = None, revision: str | None = None, trust_remote_code: bool = False
 ) -> Architecture:
-    """A shortcut (llama-65b) or a well-known hub id needs nothing; otherwise read only config.json."""
+    """A shortcut (llama-65b) or a well-known hub id needs nothing; otherwise read only config.json, or the
+    header of a GGUF file (its tensors are neither read nor dequantized)."""
     known = known_architecture(name_or_path)
-    if known is not None:
+    if known is not None and gguf_file is None:
         return known
+    import importlib.util
+
     from transformers import AutoConfig
 
     from qlora_cli.builtin import resolve_builtin_model
+    from qlora_cli.gguf import split_gguf_path
     from qlora_cli.model import _from_pretrained
 
-    source = resolve_builtin_model(name_or_path)
+    source, gguf_file = split_gguf_path(resolve_builtin_model(name_or_path), gguf_file)
+    common: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
+    if gguf_file:
+        if importlib.util.find_spec("gguf") is None:
+            raise QloraError(f"reading {gguf_file} needs the gguf package: pip install 'qlora-cli[gguf]'")
+        common["gguf_file"] = gguf_file
     try:
-        config = _from_pretrained(
-            AutoConfig.from_pretrained, source, "model config", revision=revision, trust_remote_code=trust_remote_code
-        )
+        config = _from_pretrained(AutoConfig.from_pretrained, source, "model config", **common)
     except QloraError as exc:
         raise QloraError(f"{exc} (or plan with a shortcut: --model {' | '.join(ARCHITECTURES)})") from None
     return architecture_from_config(config, name_or_path)
+
+
+def recipe_architecture(model: ModelConfig) -> Architecture:
+    """The architecture of a recipe's model, a GGUF file (`model.gguf_file` or a .gguf path) included."""
+    return architecture_for(
+        model.name_or_path,
+        gguf_file=model.gguf_file,
+        revision=model.revision,
+        trust_remote_code=model.trust_remote_code,
+    )
 
 
 def architecture_from_config(config: Any, name: str) -> Architecture:
@@ -241,10 +259,13 @@ class MemoryPlan:
     arch: Architecture
     device: str
     compute_bytes: int
+    compute_dtype: str
+    compute_reason: str
     batch_size: int
     seq_len: int
     num_processes: int
     fsdp: bool
+    auto_checkpointing: bool  # training.gradient_checkpointing=auto: planned as on, decided by `qlora train`
     lora_r: int
     lora_modules: tuple[str, ...]
     optim: str
@@ -276,11 +297,20 @@ def _label(q: QuantizationConfig, lora: bool) -> str:
     return f"{q.bits}-bit LoRA"
 
 
+def planned_compute_dtype(quant: QuantizationConfig, device: str) -> tuple[str, str]:
+    """The dtype and why. `auto` on a GPU: bf16 (planning assumes one that has it); on the CPU: this CPU's choice."""
+    if quant.compute_dtype != "auto":
+        return quant.compute_dtype, f"quantization.compute_dtype={quant.compute_dtype}"
+    if device == "cuda":
+        return "bf16", "auto: assumes a GPU with bf16"
+    from qlora_cli.model import choose_compute_dtype
+
+    chosen = choose_compute_dtype("auto", "cpu")
+    return chosen.name, chosen.reason
+
+
 def compute_bytes_for(quant: QuantizationConfig, device: str) -> int:
-    """`auto` is bf16 on a GPU (planning assumes one that has it) and fp32 on the CPU, as model.py resolves it."""
-    if quant.compute_dtype == "auto":
-        return 2 if device == "cuda" else 4
-    return 4 if quant.compute_dtype == "fp32" else 2
+    return 4 if planned_compute_dtype(quant, device)[0] == "fp32" else 2
 
 
 def lora_modules(recipe: Recipe) -> tuple[str, ...]:
@@ -300,6 +330,7 @@ def plan_memory(recipe: Recipe, arch: Architecture, *, device: str = "cuda", num
         raise QloraError(f"--num-processes must be at least 1, not {num_processes}")
     modules = lora_modules(recipe)
     seq_len = recipe.data.source_max_len + recipe.data.target_max_len
+    compute_dtype, compute_reason = planned_compute_dtype(recipe.quantization, device)
     estimates = tuple(
         _estimate(setup, recipe, arch, modules, device=device, seq_len=seq_len, num_processes=num_processes)
         for setup in setups_for(recipe)
@@ -308,10 +339,13 @@ def plan_memory(recipe: Recipe, arch: Architecture, *, device: str = "cuda", num
         arch=arch,
         device=device,
         compute_bytes=compute_bytes_for(recipe.quantization, device),
+        compute_dtype=compute_dtype,
+        compute_reason=compute_reason,
         batch_size=recipe.training.batch_size,
         seq_len=seq_len,
         num_processes=num_processes,
         fsdp=recipe.training.fsdp and num_processes > 1,
+        auto_checkpointing=recipe.training.gradient_checkpointing == "auto",
         lora_r=recipe.lora.r,
         lora_modules=modules,
         optim=recipe.training.optim,
@@ -366,7 +400,7 @@ def _estimate(
         activations_checkpointed=act.total(checkpointing=True) + gathered,
         activations_full=act.total(checkpointing=False) + gathered,
         overhead=CUDA_CONTEXT if device == "cuda" else CPU_PROCESS,
-        gradient_checkpointing=recipe.training.gradient_checkpointing,
+        gradient_checkpointing=recipe.training.gradient_checkpointing is not False,  # auto: planned as on
     )
 
 
@@ -425,14 +459,101 @@ class Activations:
         return self.tokens * (self.c * elements + 4 * fp32)
 
     def total(self, *, checkpointing: bool) -> int:
+        """The larger of two moments: backward passing the loss, and later one layer's backward.
+
+        Backward starts at the loss over the vocabulary: the log-softmax output it saved, that output's
+        gradient and the logits' gradient, three fp32 tokens x vocab tensors (the logits are gone by then).
+        Only once those are freed does checkpointing recompute a layer, or a 4-bit layer dequantize a weight
+        for its backward matmul; without checkpointing, every layer's saved tensors are there all along.
+        """
         a = self.arch
         layer = self.per_layer()
-        stored = a.layers * self.tokens * a.hidden * self.residual + layer if checkpointing else a.layers * layer
-        logits = 3 * 4 * self.tokens * a.vocab  # logits, their fp32 log-softmax and its gradient
+        loss = 3 * 4 * self.tokens * a.vocab
         dequantized = 0
         if self.setup.quant.bits in (4, 8):  # one layer's weight dequantized for its matmul
             dequantized = self.c * max(n_in * n_out for n_in, n_out in a.linears().values())
-        return stored + logits + dequantized
+        if checkpointing:  # each layer's input (the residual stream) is kept for the recomputation
+            return a.layers * self.tokens * a.hidden * self.residual + max(loss, layer + dequantized)
+        return a.layers * layer + max(loss, dequantized)
+
+
+# --------------------------------------------------------------------------- gradient checkpointing: auto
+
+AUTO_MARGIN = 0.15  # the planner's accuracy target (docs/benchmarks.md): off only when the plan fits with that to spare
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """Whether a run checkpoints activations, and why (printed at its start, kept in metrics.json)."""
+
+    on: bool
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{'on' if self.on else 'off'} ({self.reason})"
+
+
+def choose_checkpointing(
+    recipe: Recipe, arch: Architecture, *, device: str, available: int, num_processes: int = 1
+) -> Checkpointing:
+    """`auto`: off when the recipe's peak without checkpointing fits `available` bytes with AUTO_MARGIN to spare.
+
+    Checkpointing recomputes every layer's forward during backward; where memory allows, that is time lost.
+    """
+    forced = _forced(recipe)
+    if forced is not None:
+        return forced
+    need = plan_memory(recipe, arch, device=device, num_processes=num_processes).estimates[0].peak(checkpointing=False)
+    there = "GPU memory free" if device == "cuda" else "RAM available"
+    fits = need <= (1 - AUTO_MARGIN) * available
+    verdict = "fits in" if fits else "needs more than"
+    reason = (f"auto: without it the plan's peak of {need / GIB:.2f} GiB {verdict} {100 * (1 - AUTO_MARGIN):.0f}% "
+              f"of the {available / GIB:.2f} GiB {there}")  # fmt: skip
+    return Checkpointing(not fits, reason)
+
+
+def available_memory(device: str, *, processes_here: int = 1) -> int:
+    """What one process may use: its GPU's free memory, or this machine's available RAM (Linux: MemAvailable)
+    shared by the processes on it."""
+    if device == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info()[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available) // processes_here
+
+
+def checkpointing_for_run(recipe: Recipe, *, num_processes: int = 1) -> Checkpointing:
+    """`qlora train`'s decision, once per process; under a process group every rank takes rank 0's, so FSDP
+    and DDP replicas recompute (or not) alike."""
+    import torch
+    import torch.distributed as dist
+
+    forced = _forced(recipe)
+    if forced is not None:
+        return forced
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        arch = recipe_architecture(recipe.model)
+    except QloraError as exc:
+        choice = Checkpointing(True, f"auto: on, the planner cannot size this model ({exc})")
+    else:
+        here = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device == "cpu" else 1
+        available = available_memory(device, processes_here=here)
+        choice = choose_checkpointing(recipe, arch, device=device, available=available, num_processes=num_processes)
+    if dist.is_available() and dist.is_initialized():
+        shared = [choice]
+        dist.broadcast_object_list(shared, src=0)
+        choice = shared[0]
+    return choice
+
+
+def _forced(recipe: Recipe) -> Checkpointing | None:
+    setting = recipe.training.gradient_checkpointing
+    if setting == "auto":
+        return None
+    return Checkpointing(setting, f"training.gradient_checkpointing={str(setting).lower()}")
 
 
 # --------------------------------------------------------------------------- parsing and display
@@ -451,13 +572,13 @@ def parse_size(text: str) -> int:
 
 def render_plan(plan: MemoryPlan, budget: int | None = None) -> str:
     a = plan.arch
-    dtype = {2: "bf16", 4: "fp32"}[plan.compute_bytes]
     procs = "1 process"
     if plan.num_processes > 1:
         procs = f"{plan.num_processes} processes{' with FSDP' if plan.fsdp else ' (DDP)'}"
     head = [
         f"{a.name}: {a.params / 1e9:.2f}B parameters ({a.layers} layers, hidden {a.hidden}, vocab {a.vocab})",
-        f"batch {plan.batch_size} x {plan.seq_len} tokens, {plan.optim}, {dtype} compute on {plan.device}, {procs}",
+        f"batch {plan.batch_size} x {plan.seq_len} tokens, {plan.optim}, {plan.compute_dtype} compute on {plan.device} "
+        f"({plan.compute_reason}), {procs}",
         f"LoRA r={plan.lora_r} on {', '.join(plan.lora_modules)}",
         "memory per GPU; 1 GiB = 2^30 bytes, and a GPU sold as 48GB holds 48 GiB",
         "",
@@ -496,6 +617,9 @@ def render_plan(plan: MemoryPlan, budget: int | None = None) -> str:
         "* the recipe's setting. Peak = weights + adapters + optimizer + the larger of activations and gradients",
         "(gradients appear as activations are freed) + overhead. Paged optimizer state can spill to CPU RAM.",
     ]
+    if plan.auto_checkpointing:
+        notes.append(f"Checkpointing auto: `qlora train` turns it off where the peak with it off fits in "
+                     f"{100 * (1 - AUTO_MARGIN):.0f}% of the memory there.")  # fmt: skip
     return "\n".join(head + lines + notes)
 
 
@@ -511,6 +635,4 @@ def plan_for(
         recipe = default_recipe(model, overrides)
     else:
         recipe = load_recipe(config, [*overrides, *([f"model.name_or_path={model}"] if model else [])])
-    m = recipe.model
-    arch = architecture_for(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
-    return plan_memory(recipe, arch, device=device, num_processes=num_processes)
+    return plan_memory(recipe, recipe_architecture(recipe.model), device=device, num_processes=num_processes)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qlora_cli.config import DataConfig, Recipe
+from qlora_cli.config import DataConfig, QuantizationConfig, Recipe
 from qlora_cli.errors import QloraError
 from qlora_cli.run_folder import FIGURES_DIR, RECIPE_FILE, REPORT_FILE, RunFolder, read_recipe
 
@@ -127,6 +127,13 @@ def hub_dataset(cfg: DataConfig) -> str | None:
     return cfg.hub_id or FORMATS[cfg.dataset].hub_id
 
 
+def _compute_dtype(q: QuantizationConfig, metrics: dict[str, Any] | None) -> str:
+    """What the run computed in (recorded since `auto` depends on the machine), else the recipe's setting."""
+    if metrics and metrics.get("compute_dtype"):
+        return f"{metrics['compute_dtype']}: {metrics.get('compute_dtype_reason', q.compute_dtype)}"
+    return q.compute_dtype
+
+
 def recipe_rows(recipe: Recipe, metrics: dict[str, Any] | None) -> Rows:
     q, lora, data, t = recipe.quantization, recipe.lora, recipe.data, recipe.training
     if q.bits == 4:
@@ -136,7 +143,7 @@ def recipe_rows(recipe: Recipe, metrics: dict[str, Any] | None) -> Rows:
     targets = "every linear layer" if lora.target_modules == "all-linear" else ", ".join(lora.target_modules)
     source = hub_dataset(data) or data.path or ", ".join(data.data_files or [])
     rows = [
-        ("Model", f"{recipe.model.name_or_path} ({base}, compute dtype {q.compute_dtype})"),
+        ("Model", f"{recipe.model.name_or_path} ({base}, compute dtype {_compute_dtype(q, metrics)})"),
         ("LoRA", f"r={lora.r}, alpha={lora.alpha:g}, dropout={lora.dropout:g} on {targets}" if lora.enabled else "off"),
         ("Dataset", f"{data.dataset} from {source}; source/target max {data.source_max_len}/{data.target_max_len}"),
         ("Batch", f"{t.batch_size} per device x {t.gradient_accumulation_steps} accumulation "
@@ -152,6 +159,9 @@ def recipe_rows(recipe: Recipe, metrics: dict[str, Any] | None) -> Rows:
                         f"{metrics['tokens']:,} tokens, {metrics['tokens_per_s']:,.0f} tokens/s"),
             ("Peak memory", f"{metrics['peak_memory_bytes'] / 2**30:.2f} GiB ({metrics['peak_memory_kind']})"),
         ]
+        if "gradient_checkpointing" in metrics:  # recorded since `auto` depends on the machine
+            on = "on" if metrics["gradient_checkpointing"] else "off"
+            rows.append(("Gradient checkpointing", f"{on} ({metrics['gradient_checkpointing_reason']})"))
     return rows
 
 

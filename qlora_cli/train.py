@@ -19,6 +19,7 @@ from qlora_cli.distributed import announce_processes, join_processes, quiet_repl
 from qlora_cli.errors import QloraError, refusing_pickled_code
 from qlora_cli.guards import check_adapter, fingerprint
 from qlora_cli.memory import MemoryMeter
+from qlora_cli.plan import checkpointing_for_run
 from qlora_cli.model import LoadedModel, add_lora, count_parameters, load_model, model_source
 from qlora_cli.run_folder import (
     LOG_HISTORY_FILE,
@@ -92,6 +93,9 @@ def _train(
         if recipe.model.tokenizer:
             resolve_builtin_model(recipe.model.tokenizer)
     set_seed(recipe.training.seed)
+    checkpointing = checkpointing_for_run(recipe, num_processes=processes.num_processes)  # auto: the plan decides
+    resolved = recipe.training.model_copy(update={"gradient_checkpointing": checkpointing.on})
+    recipe = recipe.model_copy(update={"training": resolved})  # the run folder records what ran
     t = recipe.training  # under FSDP, FSDP checkpoints activations itself (distributed.fsdp_config)
     loaded = load_model(
         recipe.model, recipe.quantization, gradient_checkpointing=t.gradient_checkpointing and not t.fsdp, fsdp=t.fsdp
@@ -102,7 +106,8 @@ def _train(
     trainer = build_trainer(recipe, loaded, data)
     is_main = trainer.is_world_process_zero()
     if is_main:
-        _announce(recipe, loaded.model, data)
+        _announce(recipe, loaded, data)
+        print(f"Gradient checkpointing {checkpointing}", file=sys.stderr)
         announce_processes(recipe.training, trainer.args.world_size)
         run.write_recipe(recipe.to_yaml())
 
@@ -120,6 +125,8 @@ def _train(
         raise trainer.stop.interrupted(trainer.state, run.path)
 
     metrics = _metrics(trainer, runtime)
+    metrics |= {"compute_dtype": loaded.compute.name, "compute_dtype_reason": loaded.compute.reason}
+    metrics |= {"gradient_checkpointing": checkpointing.on, "gradient_checkpointing_reason": checkpointing.reason}
     if held_out:
         metrics["exact_match_before"] = before
         metrics["exact_match_after"] = _exact_match(recipe, loaded, held_out)
@@ -246,8 +253,8 @@ def _exact_match(recipe: Recipe, loaded: LoadedModel, held_out: tuple[list[str],
     return exact_match(loaded, sources, targets, max_new_tokens=recipe.eval.max_new_tokens)
 
 
-def _announce(recipe: Recipe, model: Any, data: PreparedData) -> None:
-    trainable, total = count_parameters(model)
+def _announce(recipe: Recipe, loaded: LoadedModel, data: PreparedData) -> None:
+    trainable, total = count_parameters(loaded.model)
     q = recipe.quantization
     base = f"{q.bits}-bit" + (f" {q.quant_type}{' + double quant' if q.double_quant else ''}" if q.bits == 4 else "")
     print(
@@ -255,6 +262,7 @@ def _announce(recipe: Recipe, model: Any, data: PreparedData) -> None:
         f"({100 * trainable / max(total, 1):.2f}%)",
         file=sys.stderr,
     )
+    print(f"Compute dtype {loaded.compute.name} ({loaded.compute.reason})", file=sys.stderr)
     eval_n = len(data.eval) if data.eval is not None else 0
     skipped = sum(data.skipped.values())
     note = f"; skipped {skipped} ({', '.join(f'{n} {r}' for r, n in data.skipped.most_common())})" if skipped else ""

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from qlora_cli.adapter import prompt_format, read_adapter
-from qlora_cli.config import load_recipe
+from qlora_cli.config import ModelConfig, load_recipe
 from qlora_cli.errors import QloraError
 from tests.conftest import REPO
 
@@ -51,7 +51,7 @@ def test_base_without_recipe_is_peft_recorded_base(tmp_path):
     assert adapter.recipe is None and prompt_format(adapter.recipe, tokenizer=None) is None
     assert adapter.quantization.bits == 4 and adapter.quantization.quant_type == "nf4"
     assert adapter.base_model().name_or_path == "org/base"
-    assert adapter.base_model("other/base").name_or_path == "other/base"
+    assert adapter.base_model(ModelConfig(name_or_path="other/base")).name_or_path == "other/base"
 
 
 def test_no_recorded_base_asks_for_one(tmp_path):

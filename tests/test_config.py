@@ -34,7 +34,7 @@ def test_defaults_are_the_papers(tmp_path):
         0.999,
         0.0,
     )
-    assert t.gradient_checkpointing and t.group_by_length
+    assert t.gradient_checkpointing == "auto" and t.group_by_length
     assert not recipe.data.train_on_source
     assert not recipe.model.trust_remote_code
 
@@ -47,6 +47,18 @@ def test_overrides_are_parsed_as_yaml_scalars():
     assert recipe.output_dir == "runs/x"
     assert recipe.lora.r == 16 and recipe.lora.dropout == 0.2
     assert recipe.training.report_to == ["tensorboard"]
+
+
+
+@pytest.mark.parametrize("value, parsed", [("auto", "auto"), ("true", True), ("false", False)])
+def test_gradient_checkpointing_is_auto_true_or_false(value, parsed):
+    assert load_recipe(DEMO, [f"training.gradient_checkpointing={value}"]).training.gradient_checkpointing == parsed
+
+
+@pytest.mark.parametrize("value", ["sometimes", "Auto", "1", "null"])
+def test_gradient_checkpointing_rejects_anything_else_naming_the_key(value):
+    with pytest.raises(ConfigError, match=r"training\.gradient_checkpointing: must be true, false or auto"):
+        load_recipe(DEMO, [f"training.gradient_checkpointing={value}"])
 
 
 def test_override_can_null_an_optional_field():

@@ -183,13 +183,17 @@ def test_fsdp_stores_4bit_weights_in_the_compute_dtype() -> None:
 
 
 def test_preflight_checks_the_fsdp_storage_against_the_compute_dtype_of_this_machine() -> None:
-    """`compute_dtype: auto` resolves on the machine (fp32 on the CPU), so only preflight can tell."""
-    on_this_machine = load_recipe(DEMO, ["training.fsdp=true", "quantization.quant_storage=bf16"])  # passes validation
+    """`compute_dtype: auto` resolves on the machine (on a CPU: by its bf16 units), so only preflight can tell."""
+    from qlora_cli.model import dtype_name, resolve_compute_dtype
+
     if torch.cuda.is_available():
         pytest.skip("auto resolves to bf16/fp16 on a GPU")
-    with pytest.raises(QloraError, match=r"quant_storage=bf16 must equal the compute dtype \(fp32\)"):
-        preflight(on_this_machine, {})
-    preflight(load_recipe(DEMO, ["training.fsdp=true", "quantization.quant_storage=fp32"]), {})
+    auto = dtype_name(resolve_compute_dtype("auto", "cpu"))
+    other = "fp32" if auto == "bf16" else "bf16"
+    wrong = load_recipe(DEMO, ["training.fsdp=true", f"quantization.quant_storage={other}"])  # passes validation
+    with pytest.raises(QloraError, match=rf"quant_storage={other} must equal the compute dtype \({auto}\)"):
+        preflight(wrong, {})
+    preflight(load_recipe(DEMO, ["training.fsdp=true", f"quantization.quant_storage={auto}"]), {})
 
 
 def test_fsdp_model_keeps_the_storage_dtype_and_leaves_checkpointing_to_fsdp() -> None:
@@ -227,7 +231,7 @@ def test_shipped_accelerate_config_matches_the_recipe_switch() -> None:
     loaded = load_config_from_file(str(path))  # accelerate's own reader accepts every key
     assert loaded.distributed_type == "FSDP"
     shipped = {k.removeprefix("fsdp_"): v for k, v in yaml.safe_load(path.read_text())["fsdp_config"].items()}
-    assert shipped == fsdp_config(TrainingConfig())
+    assert shipped == fsdp_config(TrainingConfig(gradient_checkpointing=True))  # `auto` is decided before this
 
 
 def test_shipped_deepspeed_config_is_zero2_with_trainer_values() -> None:

@@ -22,7 +22,7 @@ from qlora_cli.kernels import (
 from qlora_cli.model import load_for_inference, load_model
 
 TINY = ModelConfig(name_or_path="builtin:tiny-llama")
-NF4 = QuantizationConfig.named("nf4")
+NF4 = QuantizationConfig(compute_dtype="fp32")  # the paper's NF4 + double quant; bf16 compute tested on its own
 
 
 def _linear_4bit_layers(model):
@@ -132,3 +132,17 @@ def test_missing_kernels_package_warning_is_dropped_and_other_warnings_kept(capl
     assert [r.getMessage() for r in caplog.records] == [
         "Failed to load CPU gemm_4bit_forward from kernels-community: offline."
     ]
+
+
+def test_the_filter_is_in_place_before_transformers_imports_bitsandbytes():
+    """`from transformers import set_seed` already imports peft and bitsandbytes, which logs at import."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, sys, qlora_cli; from transformers import set_seed\n"
+        "print('bitsandbytes' in sys.modules, len(logging.getLogger('bitsandbytes.backends.cpu.ops').filters))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.stdout.split() == ["True", "1"], result.stderr
+    assert "kernels-community" not in result.stderr

@@ -9,8 +9,8 @@ import torch
 from qlora_cli.adapter import prompt_format, read_adapter
 from qlora_cli.data.tokenize import tokenize_example
 from qlora_cli.errors import QloraError
-from qlora_cli.merge import _staged
-from qlora_cli.model import load_for_inference
+from qlora_cli.merge import DEFAULT_TOLERANCE, _staged
+from qlora_cli.model import dtype_name, load_for_inference, resolve_compute_dtype
 from qlora_cli.run_folder import MERGE_REPORT_FILE as MERGE_REPORT
 from tests.trained import llama_adapter, merged_model, t5_adapter  # noqa: F401 (fixtures)
 
@@ -37,9 +37,10 @@ torch.save(out, sys.argv[2])
 
 
 def trained_model_logits(adapter_dir):
-    """base-NF4 + adapter, loaded the way training saw it; returns logits, the examples and seq2seq."""
+    """base-NF4 + adapter computed in fp32 (as the fp32 merges here); returns logits, the examples and seq2seq."""
     adapter = read_adapter(adapter_dir)
-    loaded = load_for_inference(adapter.base_model(), adapter.quantization, adapter.path, device="cpu")
+    fp32 = adapter.quantization.model_copy(update={"compute_dtype": "fp32"})
+    loaded = load_for_inference(adapter.base_model(), fp32, adapter.path, device="cpu")
     fmt = prompt_format(adapter.recipe, loaded.tokenizer)
     seq2seq = loaded.kind.name == "seq2seq"
     data = adapter.recipe.data
@@ -215,8 +216,9 @@ def test_merge_over_the_tolerance_fails_writes_nothing_and_keeps_the_earlier_mer
     code, _, err = cli("merge-adapter", "--adapter", str(llama_adapter), "--output", str(out))
     assert code == 0, err
     earlier = json.loads((out / MERGE_REPORT).read_text())
-    assert earlier["dtype"] == "fp32"  # auto: what training computed in on the CPU
-    assert earlier["tolerance"] == 1e-3 and earlier["max_abs_logit_diff"] <= earlier["tolerance"]
+    auto = dtype_name(resolve_compute_dtype("auto", "cpu"))  # what training computed in on this CPU
+    assert earlier["dtype"] == auto and earlier["tolerance"] == DEFAULT_TOLERANCE[auto]
+    assert earlier["max_abs_logit_diff"] <= earlier["tolerance"]
     code, stdout, err = cli(
         "merge-adapter", "--adapter", str(llama_adapter), "--output", str(out), "--overwrite", "--dtype", "bf16",
         "--tolerance", "1e-9",

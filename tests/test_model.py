@@ -19,9 +19,37 @@ from qlora_cli.model import (
 from tests.conftest import REPO
 
 
-def test_auto_compute_dtype_is_fp32_on_the_cpu():
-    assert resolve_compute_dtype("auto", "cpu") == torch.float32
-    assert resolve_compute_dtype("bf16", "cpu") == torch.bfloat16
+@pytest.mark.parametrize(
+    ("amx", "avx512_bf16", "dtype", "reason"),
+    [
+        (False, False, torch.float32, "no bf16 matrix units"),
+        (False, True, torch.bfloat16, "AVX512-BF16 bf16 matrix units"),
+        (True, True, torch.bfloat16, "AMX bf16 matrix units"),
+    ],
+)
+def test_auto_compute_dtype_on_the_cpu_follows_its_bf16_units(monkeypatch, amx, avx512_bf16, dtype, reason):
+    from qlora_cli.model import choose_compute_dtype
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    chosen = choose_compute_dtype("auto", "cpu")
+    assert chosen.dtype == dtype and reason in chosen.reason and chosen.reason.startswith("auto: ")
+    assert resolve_compute_dtype("bf16", "cpu") == torch.bfloat16  # an explicit choice is kept on any CPU
+    assert choose_compute_dtype("fp32", "cpu").reason == "quantization.compute_dtype=fp32"
+
+
+def test_this_cpus_bf16_units_are_what_its_flags_say():
+    """torch's check agrees with the kernel's own flags (/proc/cpuinfo), on either kind of machine."""
+    from pathlib import Path
+
+    from qlora_cli.kernels import bf16_matrix_units
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        pytest.skip("no /proc/cpuinfo")
+    flags = set(next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split())
+    expected = "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else None
+    assert bf16_matrix_units() == expected
 
 
 def test_bnb_config_is_the_papers_by_default():
@@ -103,7 +131,7 @@ def test_tokenizer_without_pad_or_unk_gets_a_new_token_and_resized_embeddings():
 def test_sixteen_bit_loads_plain_linear_layers():
     loaded = load_model(ModelConfig(name_or_path="builtin:tiny-llama"), QuantizationConfig(bits=16), for_training=False)
     q_proj = loaded.model.model.layers[0].self_attn.q_proj
-    assert type(q_proj) is torch.nn.Linear and q_proj.weight.dtype == torch.float32
+    assert type(q_proj) is torch.nn.Linear and q_proj.weight.dtype == resolve_compute_dtype("auto", "cpu")
 
 
 def test_hub_id_offline_says_so_and_suggests_a_local_path():
@@ -137,6 +165,31 @@ def test_a_gguf_checkpoint_is_dequantized_once_then_quantized_to_nf4():
     assert prompt.endswith("<|im_start|>assistant\n")
     [reply] = generator.generate([prompt], Sampling(max_new_tokens=12, temperature=0))
     assert "Paris" in reply
+
+
+@pytest.mark.skipif(not SMOLLM2_GGUF.is_file(), reason="../shared/data is absent")
+def test_inference_commands_take_a_gguf_file_in_a_model_folder(cli):
+    folder, name = str(SMOLLM2_GGUF.parent), SMOLLM2_GGUF.name
+    code, out, err = cli("generate", "--model", folder, "--gguf-file", name, "--max-new-tokens", "12",
+                         "--prompt", "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+    assert code == 0 and "Paris" in out, err
+    code, out, err = cli("serve", "--model", folder, "--gguf-file", name, "--print-vllm-command")
+    assert code == 0 and out.startswith(f"vllm serve {SMOLLM2_GGUF} --served-model-name {folder} "), err
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["generate", "--prompt", "hi"], "--model"),
+        (["chat"], "--model"),
+        (["serve", "--print-vllm-command"], "--model"),
+        (["eval", "mmlu"], "--model"),
+        (["merge-adapter", "--adapter", "run", "--output", "out"], "--base"),
+    ],
+)
+def test_a_gguf_file_without_its_folder_is_refused_in_one_line(cli, args, option):
+    code, _, err = cli(*args, "--gguf-file", "model.gguf")
+    assert code == 2 and f"error: --gguf-file names a file in {option} (a folder or hub repo): pass {option} too" in err
 
 
 def test_a_gguf_base_without_the_gguf_package_says_what_to_install(tmp_path, monkeypatch):

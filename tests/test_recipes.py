@@ -73,6 +73,7 @@ def test_recipe_has_the_paper_numbers(prefix, size):
     assert (lora.r, lora.alpha, lora.dropout, lora.target_modules) == (64, 16, dropout, "all-linear")
     assert (quant.bits, quant.quant_type, quant.double_quant) == (4, "nf4", True)
     assert (t.optim, t.lr_scheduler, t.max_grad_norm, t.warmup_ratio) == ("paged_adamw_32bit", "constant", 0.3, 0.03)
+    assert t.gradient_checkpointing == "auto"  # the paper checkpointed to fit memory; auto does where needed
     assert recipe.output_dir == f"runs/{prefix}-{size}"
 
 

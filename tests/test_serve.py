@@ -300,7 +300,7 @@ def test_a_recipe_alone_serves_what_its_run_produced(tmp_path):
     recipe.write_text(f"output_dir: {tmp_path / 'run'}\nmodel: {{name_or_path: builtin:tiny-llama}}\n")
     assert resolve_target(None, [], recipe).adapters == (("run", tmp_path / "run"),)
     recipe.write_text(recipe.read_text() + "quantization: {bits: 16}\nlora: {enabled: false}\n")
-    assert resolve_target(None, [], recipe).model == str(tmp_path / "run")  # full finetuning: the model itself
+    assert resolve_target(None, [], recipe).model.name_or_path == str(tmp_path / "run")  # full finetuning: the model itself
 
 
 def test_serve_without_its_extra_says_what_to_install(monkeypatch):
@@ -313,7 +313,7 @@ def test_serve_without_its_extra_says_what_to_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))
     with pytest.raises(QloraError, match=r"qlora serve needs fastapi: pip install 'qlora-cli\[serve\]'"):
-        serve(ServeTarget("m", (), None), host="127.0.0.1", port=0, api_key=None, max_batch_size=1, limits=Limits())
+        serve(ServeTarget(None, (), None), host="127.0.0.1", port=0, api_key=None, max_batch_size=1, limits=Limits())
 
 
 def test_adapters_of_different_bases_are_refused_on_one_server(tmp_path):

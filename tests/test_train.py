@@ -59,6 +59,29 @@ def test_metrics_are_finite_and_complete(run):
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
 
 
+def test_the_compute_dtype_auto_picked_is_stated_and_recorded(run):
+    """In the run's first lines, metrics.json, the report and the model card: it depends on the machine."""
+    from qlora_cli.model import choose_compute_dtype
+
+    chosen = choose_compute_dtype("auto", "cpu")
+    metrics = json.loads((run[1] / "metrics.json").read_text())
+    assert (metrics["compute_dtype"], metrics["compute_dtype_reason"]) == (chosen.name, chosen.reason)
+    lines = run[2].stderr.splitlines()
+    first_data_line = next(n for n, line in enumerate(lines) if line.startswith("Data "))
+    assert f"Compute dtype {chosen.name} ({chosen.reason})" in lines[:first_data_line]
+    for name in ("report.md", "README.md"):
+        assert f"compute dtype {chosen.name}: {chosen.reason}" in (run[1] / name).read_text(), name
+
+
+def test_the_checkpointing_decision_is_stated_and_recorded(run):
+    """configs/demo.yaml forces it off; `auto` is decided per machine (tests/test_plan.py), so every run says which."""
+    metrics = json.loads((run[1] / "metrics.json").read_text())
+    reason = "training.gradient_checkpointing=false"
+    assert (metrics["gradient_checkpointing"], metrics["gradient_checkpointing_reason"]) == (False, reason)
+    assert f"Gradient checkpointing off ({reason})" in run[2].stderr.split("Training:")[0].splitlines()
+    assert f"| Gradient checkpointing | off ({reason}) |" in (run[1] / "report.md").read_text()
+
+
 def test_recipe_written_is_the_resolved_one(run):
     from qlora_cli.config import load_recipe
 

@@ -465,6 +465,8 @@ def run_mmlu(
         "max_length": cfg.max_length,
         "batch_size": cfg.batch_size,
         "letter_tokens": letter_token_ids(loaded.tokenizer),
+        "compute_dtype": loaded.compute.name,
+        "compute_dtype_reason": loaded.compute.reason,
         "cpu_kernel": loaded.cpu_kernel,
     }
     write_outputs(result, settings, output, predictions)

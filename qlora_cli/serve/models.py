@@ -8,7 +8,7 @@ from pathlib import Path
 
 from qlora_cli.adapter import TrainedAdapter, prompt_format, read_adapter
 from qlora_cli.builtin import resolve_builtin_model
-from qlora_cli.config import load_recipe
+from qlora_cli.config import ModelConfig, load_recipe
 from qlora_cli.data.formats import GUANACO_CHAT_TEMPLATE
 from qlora_cli.errors import QloraError
 from qlora_cli.generate import Generator, load_generator
@@ -39,12 +39,12 @@ class ServedModel:
 class ServeTarget:
     """The command line's choice, resolved: a model (a merged or plain one, or the base for adapters) and adapters."""
 
-    model: str | None
+    model: ModelConfig | None
     adapters: tuple[tuple[str, Path], ...]  # (name, folder), in the order given
     config: Path | None
 
 
-def resolve_target(model: str | None, adapter_specs: list[str], config: Path | None) -> ServeTarget:
+def resolve_target(model: ModelConfig | None, adapter_specs: list[str], config: Path | None) -> ServeTarget:
     """`--adapter [NAME=]PATH` (repeatable); `--config` alone serves what its run produced."""
     adapters = []
     for spec in adapter_specs:
@@ -62,7 +62,7 @@ def resolve_target(model: str | None, adapter_specs: list[str], config: Path | N
         if recipe.lora.enabled:
             adapters.append((run.name, run))
         else:
-            model = str(run)
+            model = ModelConfig(name_or_path=str(run))
     if model is None and not adapters:
         raise QloraError("pass --adapter (a trained adapter folder), --model (a model folder or hub id) or --config")
     return ServeTarget(model, tuple(adapters), config)
@@ -72,7 +72,8 @@ def load_served(target: ServeTarget) -> tuple[LoadedModel, dict[str, ServedModel
     """The base once, quantized as its adapters were trained; every adapter on it under its own name."""
     if not target.adapters:
         generator = load_generator(target.model, None, target.config)
-        return generator.loaded, {target.model: ServedModel(target.model, None, generator)}
+        name = target.model.name_or_path  # type: ignore[union-attr]  # resolve_target: a model when no adapters
+        return generator.loaded, {name: ServedModel(name, None, generator)}
     (first_name, first_path), *others = target.adapters
     generator = load_generator(target.model, first_path, target.config)
     loaded, first = generator.loaded, read_adapter(first_path)
@@ -87,7 +88,9 @@ def load_served(target: ServeTarget) -> tuple[LoadedModel, dict[str, ServedModel
     return loaded, served
 
 
-def _check_same_base(first_name: str, first: TrainedAdapter, name: str, other: TrainedAdapter, model: str | None) -> None:
+def _check_same_base(
+    first_name: str, first: TrainedAdapter, name: str, other: TrainedAdapter, model: ModelConfig | None
+) -> None:
     """Adapters share the one loaded base: it must be the one each was trained on, quantized the same way."""
     if model is None and first.base_model().name_or_path != other.base_model().name_or_path:
         raise QloraError(
@@ -103,12 +106,12 @@ def _check_same_base(first_name: str, first: TrainedAdapter, name: str, other: T
 def vllm_command(target: ServeTarget, *, host: str, port: int, api_key: str | None) -> str:
     """The vLLM server for the same base and adapters (as LoRA modules) and the same OpenAI endpoints."""
     if not target.adapters:
-        model = resolve_builtin_model(str(target.model))
-        command = ["vllm", "serve", model, "--served-model-name", str(target.model)]
+        model = target.model  # type: ignore[union-attr]  # resolve_target: a model when no adapters
+        command = ["vllm", "serve", _vllm_model(model), "--served-model-name", model.name_or_path]
     else:
         adapters = [read_adapter(path) for _, path in target.adapters]
         first = adapters[0]
-        base = resolve_builtin_model(target.model or first.base_model().name_or_path)
+        base = _vllm_model(target.model or first.base_model())
         command = ["vllm", "serve", base]
         if first.quantization.bits == 4:
             command += ["--quantization", "bitsandbytes"]  # the adapters were trained against a 4-bit base
@@ -121,3 +124,14 @@ def vllm_command(target: ServeTarget, *, host: str, port: int, api_key: str | No
     if api_key:
         command += ["--api-key", api_key]
     return shlex.join(command)
+
+
+def _vllm_model(model: ModelConfig) -> str:
+    """What `vllm serve` takes: a folder or hub id, or the path of a local GGUF file."""
+    name = resolve_builtin_model(model.name_or_path)
+    if not model.gguf_file:
+        return name
+    path = Path(name) / model.gguf_file
+    if not path.is_file():
+        raise QloraError(f"vLLM serves a GGUF file from disk: download {model.gguf_file} from {name} first")
+    return str(path)

@@ -40,6 +40,7 @@ class AnswerRequest:
     batch_size: int = 8
     seed: int = 0
     limit: int | None = None
+    gguf_file: str | None = None  # a GGUF file in the local model's folder or hub repo
 
 
 def answer(request: AnswerRequest) -> Path:
@@ -99,8 +100,9 @@ def _local_answers(request: AnswerRequest, todo: list[Question]) -> Iterator[tup
     from transformers import set_seed
 
     from qlora_cli.generate import Sampling, load_generator
+    from qlora_cli.model import chosen_model
 
-    generator = load_generator(request.model, request.adapter, request.config)
+    generator = load_generator(chosen_model(request.model, request.gguf_file), request.adapter, request.config)
     model_id = Path(request.adapter).name if request.adapter else str(request.model)
     sampling = Sampling(request.max_tokens, request.temperature, request.top_p, request.batch_size)
     set_seed(request.seed)
@@ -113,6 +115,8 @@ def _local_answers(request: AnswerRequest, todo: list[Question]) -> Iterator[tup
 def _endpoint_answers(request: AnswerRequest, todo: list[Question]) -> Iterator[tuple[str, Question, str]]:
     if not request.model:
         raise QloraError("--endpoint needs --model: the model name the endpoint serves")
+    if request.gguf_file:
+        raise QloraError("--gguf-file loads a model here: an --endpoint serves its own")
     client = openai_client(request.endpoint, request.api_key_env)
 
     def ask(question: Question) -> tuple[str, Question, str]:
