@@ -7,6 +7,8 @@ manages and whether their predictions agree. Runs on CUDA unchanged when a GPU i
     python scripts/bench_mmlu.py --data ../shared/data/mmlu/hendrycks
     python scripts/bench_mmlu.py --data ../shared/data/mmlu/hendrycks --shots 0 --size 135m
     python scripts/bench_mmlu.py --model huggyllama/llama-7b --data mmlu/ --limit 20
+    python scripts/bench_mmlu.py --model ../shared/data/models/smollm2-135m-instruct-gguf/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --data ../shared/data/mmlu/hendrycks --shots 0 --baseline-compute-dtype fp32
 
 The default model is a random-init LLaMA shape (`--size`: hidden 512 and up, LLaMA's 32000-token
 vocabulary) whose time, like a real model's, goes to its linear layers and head. The builtin tiny model
@@ -17,6 +19,11 @@ The table also counts the multiply-adds each scorer did in the linear layers (th
 that batching cannot save unless it does less of that work. Without a shared prefix to reuse (0-shot),
 the only work saved is the vocabulary head at every position but the last, so on a CPU that already runs
 one prompt at its peak rate, the speed-up stays near the ratio of that work.
+
+Each scorer's row names the dtype its 4-bit layers compute in and the CPU kernel they use
+(`quantization.compute_dtype: auto` gives bf16 and bitsandbytes' fused kernel on a CPU with bf16 units);
+`--baseline-compute-dtype fp32` loads the model a second time for the one-at-a-time scorer, as a user of
+the original code in fp32 gets it.
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ import torch
 from benchlib import SIZES, TOKENIZER, random_checkpoint
 from qlora_cli.config import MmluEvalConfig, ModelConfig, QuantizationConfig
 from qlora_cli.eval.mmlu import evaluate, letter_token_ids, load_items, summarize
-from qlora_cli.model import load_for_inference
+from qlora_cli.kernels import bf16_matrix_units
+from qlora_cli.model import DTYPES, load_for_inference
 
 SUBJECTS = "abstract_algebra,high_school_biology,moral_scenarios,virology"
 
@@ -75,9 +83,14 @@ def timed(fn):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="a checkpoint folder or hub id, instead of a random-init --size")
+    parser.add_argument("--model", help="a checkpoint folder, hub id or .gguf file, instead of a random-init --size")
     parser.add_argument("--size", default="60m", choices=list(SIZES), help="the random-init LLaMA shape to score")
     parser.add_argument("--quantization", default="nf4", choices=["nf4", "fp4", "int8", "none"])
+    compute_dtypes = ["auto", *DTYPES]
+    parser.add_argument("--compute-dtype", default="auto", choices=compute_dtypes, help="quantization.compute_dtype")
+    parser.add_argument(
+        "--baseline-compute-dtype", choices=compute_dtypes, help="another one for the one-at-a-time scorer"
+    )
     parser.add_argument("--data", required=True, help="Hendrycks MMLU folder (dev/, test/)")
     parser.add_argument("--split", default="test", choices=["test", "val"])
     parser.add_argument("--shots", type=int, default=5, choices=[0, 5])
@@ -92,7 +105,11 @@ def main() -> None:
         if args.model
         else ModelConfig(name_or_path=str(random_checkpoint(SIZES[args.size])), tokenizer=TOKENIZER)
     )
-    loaded = load_for_inference(model_cfg, QuantizationConfig.named(args.quantization))
+    quant = QuantizationConfig.named(args.quantization)
+    loaded = load_for_inference(model_cfg, quant.model_copy(update={"compute_dtype": args.compute_dtype}))
+    baseline = loaded
+    if args.baseline_compute_dtype not in (None, args.compute_dtype):
+        baseline = load_for_inference(model_cfg, quant.model_copy(update={"compute_dtype": args.baseline_compute_dtype}))
     if not loaded.kind.shares_prompt_prefixes:
         parser.error("the one-at-a-time reference scores decoder-only models")
     cfg = MmluEvalConfig(
@@ -105,18 +122,20 @@ def main() -> None:
         max_length=args.max_length,
     )
     items = load_items(cfg, loaded.tokenizer)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    one_at_a_time(loaded, [items[0].prompt])  # warm up kernels and allocator for both
-    work = LinearWork(model)
+    tokenizer = loaded.tokenizer
+    for scorer in {id(baseline): baseline, id(loaded): loaded}.values():
+        one_at_a_time(scorer, [items[0].prompt])  # warm up kernels and allocator (the fused kernel repacks here)
+    single_work, batched_work = LinearWork(baseline.model), LinearWork(loaded.model)
 
     single, single_s, single_cpu = timed(
-        lambda: summarize(items, one_at_a_time(loaded, [i.prompt for i in items]))
+        lambda: summarize(items, one_at_a_time(baseline, [i.prompt for i in items]))
     )
-    single_macs = work.take()
+    single_macs = single_work.take()
+    batched_work.take()  # the same model's hooks also counted the one-at-a-time run
     batched, batched_s, batched_cpu = timed(
         lambda: evaluate(loaded, items, batch_size=args.batch_size)
     )
-    batched_macs = work.take()
+    batched_macs = batched_work.take()
 
     n = len(items)
     tokens = sum(len(tokenizer(i.prompt, add_special_tokens=False)["input_ids"]) for i in items) / n
@@ -126,21 +145,25 @@ def main() -> None:
         for a, b in zip(single.predictions, batched.predictions)
         for k in a["logits"]
     )
-    device = "cuda " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()}"
+    if torch.cuda.is_available():
+        device = "cuda " + torch.cuda.get_device_name()
+    else:
+        device = f"cpu x{torch.get_num_threads()}, bf16 units: {bf16_matrix_units() or 'none (AVX2)'}"
     print(
         f"{args.model or args.size} ({args.quantization}), {args.shots}-shot, {n} questions from "
         f"{len(cfg.subjects)} subjects, {tokens:.0f} prompt tokens on average, {device}"
     )
     print(
-        f"{'scorer':<26} {'wall s':>7} {'questions/s':>12} {'speedup':>8} {'CPU s':>7} {'speedup':>8}"
-        f" {'linear GMAC':>12} {'less work':>10}"
+        f"{'scorer':<26} {'compute':>7} {'CPU kernel':>17} {'wall s':>7} {'questions/s':>12} {'speedup':>8}"
+        f" {'CPU s':>7} {'speedup':>8} {'linear GMAC':>12} {'less work':>10}"
     )
-    for name, wall, cpu, macs in (
-        ("one question at a time", single_s, single_cpu, single_macs),
-        (f"batched (batch {args.batch_size})", batched_s, batched_cpu, batched_macs),
+    for name, scorer, wall, cpu, macs in (
+        ("one question at a time", baseline, single_s, single_cpu, single_macs),
+        (f"batched (batch {args.batch_size})", loaded, batched_s, batched_cpu, batched_macs),
     ):
         print(
-            f"{name:<26} {wall:>7.1f} {n / wall:>12.2f} {single_s / wall:>7.1f}x {cpu:>7.1f} {single_cpu / cpu:>7.1f}x"
+            f"{name:<26} {scorer.compute.name:>7} {scorer.cpu_kernel or '-':>17} {wall:>7.1f} {n / wall:>12.2f}"
+            f" {single_s / wall:>7.1f}x {cpu:>7.1f} {single_cpu / cpu:>7.1f}x"
             f" {macs / 1e9:>12.1f} {single_macs / macs:>9.1f}x"
         )
     print(f"identical predictions: {sum(same)}/{n}; largest letter-logit difference {gap:.2e}")

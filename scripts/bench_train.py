@@ -1,97 +1,301 @@
-"""QLoRA (NF4 + DQ), QLoRA with FP4, 16-bit LoRA and full finetuning side by side on one model and batch.
+"""Training side by side on one model and batch: tokens/s, peak memory, storage and utilisation.
 
     python scripts/bench_train.py                       # CPU: random-init 60M LLaMA, batch 4 x 256
     python scripts/bench_train.py --size llama-7b --batch-size 1 --seq-len 512   # a GPU
-    python scripts/bench_train.py --profile             # also: the operators each setup spends its time in
+    python scripts/bench_train.py --batch-size 4 --steps 16 \
+        --model ../shared/data/models/smollm2-135m-instruct-gguf/SmolLM2-135M-Instruct.Q4_1.gguf
+    python scripts/bench_train.py --profile             # also: where each setup's time goes
 
-For each setup: non-padding tokens/s, peak memory and stored bits per base parameter, with ratios to
-16-bit LoRA (all with gradient checkpointing unless told otherwise). Each setup trains in a fresh process
-on the same batches (random lengths between half and all of --seq-len). Then the padding efficiency
-(non-pad tokens / all tokens) of group_by_length vs random batches on real instruction lengths.
-Markdown on stdout; --json writes everything.
+Random-init mode (no --model): QLoRA (NF4 + DQ), QLoRA with FP4, 16-bit LoRA and full finetuning on a
+random-init LLaMA shape, on random token rows (lengths between half and all of --seq-len).
+
+Real-model mode (--model: a folder, hub id or .gguf file): the recipe (--recipe, default the paper's
+alpaca-7b) as `qlora train` resolves it on this machine, with --model, --data (default the shared Alpaca
+2000) and --batch-size, no gradient accumulation, no evaluation, for --steps steps. Setups:
+- `default`: the recipe as it is (compute dtype and checkpointing as `auto` decides them here)
+- `qlora`: NF4 + DQ set explicitly, the rest as the recipe
+- `qlora-paper`: `qlora train` with the plain script's settings (fp32 on the CPU, checkpointing on)
+- `lora16`: a 16-bit base, the rest as the recipe
+- `plain`: scripts/plain_qlora.py, the paper's qlora.py as a user writes it with transformers + peft +
+  bitsandbytes, on the same model (for a .gguf file, the folder it is dequantized to), data, lengths, LoRA
+  and batch size.
+Each draws its batches with its own length-grouped sampler: the `qlora train` setups the same batches,
+the plain script others from the same data (grouped on characters, as qlora.py does); the padding column
+shows how full they were.
+
+Every setup trains in a fresh process after a one-step warm-up run. The first timed step warms up and
+is left out; tokens/s is the median over the rest of (tokens the step trained on) / (its seconds).
+
+Utilisation = model FLOPs per second / the matmul rate measured here. Model FLOPs of a step are counted
+by benchlib.training_flops from the rows it trained on (padding not counted): forward 2 N + 2 h V +
+LoRA 2 r (in + out) per token plus attention 4 heads head_dim per causal query-key pair; with gradient
+checkpointing the decoder layers' forward again; backward through the frozen base as much as the forward
+(activation gradients, no weight gradients), attention twice its forward, LoRA twice its forward. The
+matmul rate: a linear layer's training matmuls (y = x Wᵀ and the input gradient dy W) at (tokens of a
+median batch) x hidden x intermediate, in each setup's compute dtype, median of repeats, measured after
+the setups, in this process. Markdown on stdout; --json writes everything.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from benchlib import SETUPS, SIZES, RunShape, markdown_table, measure_setup, random_checkpoint, write_json
+from benchlib import (
+    BUCKETS,
+    SETUPS,
+    SIZES,
+    RunShape,
+    isolated,
+    markdown_table,
+    matmul_rate,
+    measure_plain,
+    measure_setup,
+    measure_training,
+    random_checkpoint,
+    write_json,
+)
+from qlora_cli.config import Recipe, deep_merge, load_recipe, validate_recipe
+from qlora_cli.model import DTYPES
 from qlora_cli.plan import GIB
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REAL_DATA = SHARED / "alpaca" / "antelofski_alpaca_small_2000.json"
 REAL_TOKENIZER = SHARED / "tokenizers" / "llama2_hf"
+REAL_SETUPS = ("default", "qlora", "qlora-paper", "lora16", "plain")
+# `qlora train` with the plain script's settings: what is left of the gap is the code, not the settings
+PAPER_SETTINGS = {
+    "quantization": {"bits": 4, "quant_type": "nf4", "double_quant": True,
+                     "compute_dtype": "bf16" if torch.cuda.is_available() else "fp32"},
+    "training": {"gradient_checkpointing": True},
+}  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="60m", help=f"one of: {', '.join(SIZES)}")
-    parser.add_argument("--setups", default=",".join(SETUPS), help="comma-separated")
+    parser.add_argument("--model", help="real-model mode: a folder, hub id or .gguf file")
+    parser.add_argument("--recipe", default="alpaca-7b", help="real-model mode: a recipe file or bundled name")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="real-model mode: a recipe override for every setup (repeatable)")  # fmt: skip
+    parser.add_argument("--size", default="60m", help=f"random-init mode: one of {', '.join(SIZES)}")
+    parser.add_argument("--setups", help=f"comma-separated; default {','.join(SETUPS)}, with --model "
+                        f"{','.join(REAL_SETUPS)}")  # fmt: skip
     RunShape.add_arguments(
         parser, batch_size=4, seq_len=256, steps=6, steps_help="the first warms up; tokens/s: median of the rest"
     )
     parser.add_argument("--profile", action="store_true", help="profile each setup with torch.profiler")
     parser.add_argument("--data", default=str(REAL_DATA) if REAL_DATA.exists() else "builtin:demo-instructions",
-                        help="alpaca-format file for the padding measurement")  # fmt: skip
-    parser.add_argument("--tokenizer", default=str(REAL_TOKENIZER) if REAL_TOKENIZER.exists() else "builtin:tiny-llama")
+                        help="alpaca-format file: the training data with --model, and the padding measurement")  # fmt: skip
+    parser.add_argument("--tokenizer", help="for the padding measurement; default the model's, else Llama-2's")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.model and (args.lora_r != 64 or args.no_gradient_checkpointing or args.seq_len != 256):
+        parser.error("with --model the recipe sets LoRA, checkpointing and lengths: use --set lora.r=16 etc.")
+    setups = (args.setups or ",".join(REAL_SETUPS if args.model else SETUPS)).split(",")
+    known = [*REAL_SETUPS, *(s for s in SETUPS if s not in REAL_SETUPS)] if args.model else list(SETUPS)
+    if unknown := [s for s in setups if s not in known]:
+        mode = "" if args.model else " without --model"
+        parser.error(f"unknown setup {unknown[0]!r}{mode}; setups: {', '.join(known)}")
     shape = RunShape.from_args(args)
 
-    arch = SIZES[args.size]
-    checkpoint = random_checkpoint(arch)
-    rng = random.Random(0)
-    lengths = [rng.randint(args.seq_len // 2, args.seq_len) for _ in range(args.steps * args.batch_size)]
-    results = {}
-    for setup in args.setups.split(","):
-        results[setup] = measure_setup(checkpoint, setup, shape, lengths, args.profile)[1]
-        print(f"{setup}: {results[setup].get('tokens_per_s') or results[setup].get('error')} tokens/s", flush=True)
+    if args.model:
+        results = {setup: measure_real(args, setup) for setup in setups}
+        about = (f"{args.model}, recipe {args.recipe}{''.join(f' {s}' for s in args.set)}, batch {args.batch_size}, "
+                 f"{args.steps} steps on {args.data}")  # fmt: skip
+    else:
+        arch = SIZES[args.size]
+        checkpoint = random_checkpoint(arch)
+        rng = random.Random(0)
+        lengths = [rng.randint(args.seq_len // 2, args.seq_len) for _ in range(args.steps * args.batch_size)]
+        results = {}
+        for setup in setups:
+            results[setup] = measure_setup(checkpoint, setup, shape, lengths, args.profile)[1]
+            _progress(setup, results[setup])
+        gc = "off" if args.no_gradient_checkpointing else "on"
+        about = (f"{args.size}: {arch.params / 1e6:.0f}M parameters, batch {args.batch_size} x up to "
+                 f"{args.seq_len} tokens, LoRA r={args.lora_r}, checkpointing {gc}")  # fmt: skip
 
+    rates = matmul_rates(results)
+    for r in results.values():
+        rate = rates.get(r.get("compute_dtype"), {}).get("flops_per_s")
+        r["utilisation"] = r["flops_per_s"] / rate if rate and r.get("flops_per_s") else None
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    ref = results.get("lora16", {})
-    gc = "off" if args.no_gradient_checkpointing else "on"
-    print(f"\n## Training side by side ({device}, {args.size}: {arch.params / 1e6:.0f}M parameters, batch "
-          f"{args.batch_size} x up to {args.seq_len} tokens, LoRA r={args.lora_r}, checkpointing {gc})\n")  # fmt: skip
-    rows = []
-    for setup, r in results.items():
-        if "error" in r:
-            rows.append([setup, r["error"], "", "", "", "", "", "", ""])
-            continue
-        rows.append([
-            setup, f"{r['tokens_per_s']:.1f}", _ratio(r["tokens_per_s"], ref.get("tokens_per_s")),
-            f"{r['tokens_per_cpu_s']:.1f}", _ratio(r["tokens_per_cpu_s"], ref.get("tokens_per_cpu_s")),
-            f"{r['peak'] / GIB:.3f}", _ratio(r["peak"], ref.get("peak")),
-            f"{r['bits_per_linear_param']:.3f}", f"{r['bits_per_base_param']:.2f}",
-        ])  # fmt: skip
-    print(markdown_table(
-        ["setup", "non-pad tokens/s", "vs 16-bit LoRA", "tokens / CPU-s", "vs 16-bit LoRA", "peak GiB",
-         "vs 16-bit LoRA", "bits / linear param", "bits / base param"], rows))  # fmt: skip
+    print(f"\n## Training side by side ({device}, {about})\n")
+    print(speed_memory_table(results))
+    if args.model:
+        print(f"\n## Utilisation and the plain transformers + peft + bitsandbytes script ({device}, {about})\n")
+        print(utilisation_table(results))
+        print(targets(results, device))
     first = next(iter(results.values()))
     print(f"\npeak memory: {first.get('memory_kind', '?')}, counted from before loading; {first.get('threads')} "
           "threads; tokens/s and tokens per CPU-second: medians over the timed steps")  # fmt: skip
+    for dtype, rate in rates.items():
+        m, k, n = rate["shape"]
+        print(f"matmul rate ({dtype}): {rate['flops_per_s'] / 1e9:.1f} GFLOP/s, x ({m} x {k}) by W ({n} x {k}), "
+              "y = x Wᵀ then dy W")  # fmt: skip
     for setup, r in results.items():
-        if "profile" in r:
-            print(f"\n### Where {setup}'s time goes (self time, whole run)\n")
-            shares = [[name, f"{100 * share:.1f}%"] for name, share in r["profile"]]
-            print(markdown_table(["operator", "share"], shares))
+        if "profile_buckets" in r:
+            print_profile(setup, r)
 
-    padding = padding_efficiency(args.data, args.tokenizer)
+    llama2 = str(REAL_TOKENIZER) if REAL_TOKENIZER.exists() else "builtin:tiny-llama"
+    tokenizer = args.tokenizer or args.model or llama2
+    padding = padding_efficiency(args.data, tokenizer)
     print(f"\n## Padding efficiency on real instruction lengths ({padding['examples']} examples of {args.data}, "
-          f"tokenizer {args.tokenizer})\n")  # fmt: skip
+          f"tokenizer {tokenizer})\n")  # fmt: skip
     print(markdown_table(
         ["batch size", "random batches", "group_by_length"],
         [[b, f"{v['random']:.3f}", f"{v['group_by_length']:.3f}"] for b, v in padding["by_batch_size"].items()],
     ))  # fmt: skip
     write_json(args.json, {"device": device, "args": vars(args) | {"json": str(args.json)}, "results": results,
-                           "padding": padding})  # fmt: skip
+                           "matmul_rates": rates, "padding": padding})  # fmt: skip
+
+
+def measure_real(args: argparse.Namespace, setup: str) -> dict[str, Any]:
+    """One setup of the real-model mode, trained in a fresh process with a throwaway output_dir."""
+    with tempfile.TemporaryDirectory() as out:
+        recipe = real_recipe(args, setup, Path(out))
+        if setup == "plain":
+            result = isolated(measure_plain, plain_arguments(recipe), args.profile)
+        else:
+            result = isolated(measure_training, recipe, None, args.profile)
+    _progress(setup, result)
+    return result
+
+
+def real_recipe(args: argparse.Namespace, setup: str, output_dir: Path) -> Recipe:
+    """The recipe as `qlora train --config RECIPE` resolves it here, with the benchmark's model, data and batch."""
+    overrides = [
+        f"output_dir={output_dir}",
+        f"model.name_or_path={args.model}",
+        f"data.path={args.data}",
+        "data.eval_size=0",
+        f"training.batch_size={args.batch_size}",
+        "training.gradient_accumulation_steps=1",
+        f"training.max_steps={args.steps}",
+        f"training.logging_steps={args.steps}",
+        f"training.save_steps={args.steps}",
+        "eval.mmlu=null",
+        *args.set,
+    ]
+    recipe = load_recipe(args.recipe, overrides)
+    if setup in ("default", "plain"):
+        return recipe
+    update = PAPER_SETTINGS if setup == "qlora-paper" else SETUPS[setup]
+    return validate_recipe(deep_merge(recipe.model_dump(mode="json"), update), source=f"setup {setup}")
+
+
+def plain_arguments(recipe: Recipe) -> list[str]:
+    """scripts/plain_qlora.py's command line for the recipe's model, data, lengths, LoRA and batch."""
+    from qlora_cli.builtin import resolve_builtin_data
+    from qlora_cli.model import model_source
+
+    d, t, lora = recipe.data, recipe.training, recipe.lora
+    data = str(resolve_builtin_data(d.path or ""))
+    return [
+        *("--model", model_source(recipe.model), "--data", data, "--output-dir", recipe.output_dir),
+        *("--batch-size", str(t.batch_size), "--gradient-accumulation-steps", str(t.gradient_accumulation_steps)),
+        *("--max-steps", str(t.max_steps)),
+        *(("--max-train-samples", str(d.max_train_samples)) if d.max_train_samples else ()),
+        *("--source-max-len", str(d.source_max_len), "--target-max-len", str(d.target_max_len)),
+        *("--lora-r", str(lora.r), "--lora-alpha", str(lora.alpha), "--lora-dropout", str(lora.dropout)),
+        *("--learning-rate", str(t.learning_rate), "--seed", str(t.seed)),
+        *("--logging-steps", str(t.logging_steps), "--save-steps", str(t.save_steps)),
+    ]
+
+
+def matmul_rates(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The matmul rate of each compute dtype a setup ran in, at the first setup's median batch."""
+    measured = [r for r in results.values() if r.get("batch_tokens")]
+    if not measured:
+        return {}
+    shape = (int(measured[0]["batch_tokens"]), measured[0]["hidden"], measured[0]["intermediate"])
+    dtypes = sorted({r["compute_dtype"] for r in measured})
+    return {name: {"shape": shape, "flops_per_s": matmul_rate(DTYPES[name], *shape)} for name in dtypes}
+
+
+def speed_memory_table(results: dict[str, dict[str, Any]]) -> str:
+    ref = results.get("lora16", {})
+    rows = []
+    for setup, r in results.items():
+        if "error" in r:
+            rows.append([setup, r["error"], *[""] * 10])
+            continue
+        rows.append([
+            setup, r["compute_dtype"], f"{r['tokens_per_s']:.1f}", _ratio(r["tokens_per_s"], ref.get("tokens_per_s")),
+            f"{r['tokens_per_cpu_s']:.1f}", _ratio(r["tokens_per_cpu_s"], ref.get("tokens_per_cpu_s")),
+            f"{r['peak'] / GIB:.3f}", _ratio(r["peak"], ref.get("peak")),
+            f"{r['bits_per_linear_param']:.3f}", f"{r['bits_per_base_param']:.2f}",
+            _gflops(r["flops_per_s"]), _percent(r["utilisation"]),
+        ])  # fmt: skip
+    return markdown_table(
+        ["setup", "compute", "non-pad tokens/s", "vs 16-bit LoRA", "tokens / CPU-s", "vs 16-bit LoRA", "peak GiB",
+         "vs 16-bit LoRA", "bits / linear param", "bits / base param", "model GFLOP/s", "utilisation"], rows)  # fmt: skip
+
+
+def utilisation_table(results: dict[str, dict[str, Any]]) -> str:
+    ref = results.get("plain", {})
+    rows = []
+    for setup, r in results.items():
+        if "error" in r:
+            rows.append([setup, r["error"], *[""] * 9])
+            continue
+        rows.append([
+            setup, r["compute_dtype"], "on" if r["checkpointing"] else "off", f"{r['tokens_per_s']:.1f}",
+            _ratio(r["tokens_per_s"], ref.get("tokens_per_s")), _gflops(r["flops_per_s"]), _percent(r["utilisation"]),
+            f"{r['padding_efficiency']:.3f}", f"{r['peak'] / GIB:.3f}", f"{r['train_loss']:.4f}",
+        ])  # fmt: skip
+    return markdown_table(
+        ["setup", "compute", "checkpointing", "non-pad tokens/s", "vs plain", "model GFLOP/s", "utilisation",
+         "padding efficiency", "peak GiB", "train loss"], rows)  # fmt: skip
+
+
+def targets(results: dict[str, dict[str, Any]], device: str) -> str:
+    """Issue 19's targets for this kind of CPU: default vs plain tokens/s, and the default's utilisation."""
+    from qlora_cli.kernels import bf16_matrix_units
+
+    default, plain = results.get("default", {}), results.get("plain", {})
+    if device != "cpu" or not default.get("tokens_per_s") or not plain.get("tokens_per_s"):
+        return ""
+    units = bf16_matrix_units()
+    wanted = 1.5 if units else 1.1
+    speedup = default["tokens_per_s"] / plain["tokens_per_s"]
+    utilisation = default.get("utilisation") or 0.0
+    return (f"\nTargets on this CPU ({units or 'AVX2, no bf16 units'}): default at least {wanted}x the plain "
+            f"script's tokens/s: {speedup:.2f}x, {'met' if speedup >= wanted else 'NOT met'}; utilisation of the "
+            f"default at least 50%: {100 * utilisation:.0f}%, {'met' if utilisation >= 0.5 else 'NOT met'}")  # fmt: skip
+
+
+def print_profile(setup: str, r: dict[str, Any]) -> None:
+    total = sum(r["step_seconds"])
+    print(f"\n### Where {setup}'s time goes ({len(r['step_seconds'])} profiled steps, {total:.1f} s; CPU self time "
+          "of the operators in each bucket)\n")  # fmt: skip
+    buckets = r["profile_buckets"]
+    print(markdown_table(["bucket", "seconds / step", "share"],
+                         [[b, f"{buckets[b] / len(r['step_seconds']):.3f}", _percent(buckets[b] / total)]
+                          for b in BUCKETS]))  # fmt: skip
+    print(f"\nTop operators of {setup} by self time:\n")
+    print(markdown_table(["operator", "share"], [[name, _percent(share)] for name, share in r["profile"]]))
+
+
+def _progress(setup: str, r: dict[str, Any]) -> None:
+    print(f"{setup}: {r.get('tokens_per_s') or r.get('error')} tokens/s", flush=True)
 
 
 def _ratio(value: float | None, reference: float | None) -> str:
     return f"{value / reference:.2f}x" if value and reference else "-"
+
+
+def _gflops(value: float | None) -> str:
+    return f"{value / 1e9:.1f}" if value else "-"
+
+
+def _percent(value: float | None) -> str:
+    return f"{100 * value:.1f}%" if value is not None else "-"
 
 
 def padding_efficiency(data: str, tokenizer_name: str, batch_sizes: tuple[int, ...] = (4, 16)) -> dict:

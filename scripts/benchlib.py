@@ -2,8 +2,10 @@
 training steps, to measure what the planner predicts.
 
 scripts/bench_*.py and tests/test_plan.py run `qlora train`'s own pieces (load_model, add_lora,
-build_trainer) on random-init LLaMA checkpoints. Each measurement runs in a fresh process (`isolated`),
-so memory that one run freed cannot hide the next run's peak.
+build_trainer) on random-init LLaMA checkpoints or a real model; `measure_plain` runs scripts/plain_qlora.py
+(the baseline without this project) the same way. Each measurement runs in a fresh process (`isolated`),
+so memory that one run freed cannot hide the next run's peak. `training_flops` counts a step's model
+FLOPs and `matmul_rate` measures what this machine's matmuls reach: bench_train's utilisation.
 """
 
 from __future__ import annotations
@@ -19,11 +21,15 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable
 
+import qlora_cli  # noqa: F401  (before transformers: it drops bitsandbytes' import-time `kernels` message)
 import torch
+from transformers import TrainerCallback
 
 from qlora_cli.config import Recipe, validate_recipe
 from qlora_cli.errors import QloraError
 from qlora_cli.memory import MemoryMeter
+from qlora_cli.model import dtype_name
+from qlora_cli.model_kind import IGNORE_INDEX
 from qlora_cli.plan import ARCHITECTURES, Architecture
 
 # Random-init LLaMA shapes between the builtin tiny model and LLaMA-7B, with LLaMA's 32000-token vocabulary,
@@ -145,13 +151,14 @@ def random_batches(vocab: int, lengths: list[int], seed: int = 0) -> Any:
     return Dataset.from_dict({"input_ids": ids, "labels": ids, "length": lengths})
 
 
-def measure_training(recipe: Recipe, lengths: list[int], profile: bool = False) -> dict[str, Any]:
-    """Load as `qlora train` does and train len(lengths) / batch_size steps: peak memory, speed, storage.
+def measure_training(recipe: Recipe, lengths: list[int] | None, profile: bool = False) -> dict[str, Any]:
+    """Load as `qlora train` does and train: peak memory, speed, model FLOP/s, storage.
 
-    A one-step run of builtin:tiny-llama first brings every library's code and import-time memory into
-    the baseline, so the peaks count the model's tensors and little else. On the CPU, glibc is told to
-    hand freed tensor memory straight back (M_MMAP_THRESHOLD 64 KiB); otherwise peak RSS also counts
-    heap it keeps after frees.
+    `lengths`: random token rows of these lengths (len(lengths) / batch_size steps); None: the recipe's own
+    data, prepared as `qlora train` prepares it. A one-step run of builtin:tiny-llama first brings every
+    library's code and import-time memory into the baseline, so the peaks count the model's tensors and
+    little else. On the CPU, glibc is told to hand freed tensor memory straight back (M_MMAP_THRESHOLD
+    64 KiB); otherwise peak RSS also counts heap it keeps after frees.
     """
     if not torch.cuda.is_available():
         _return_freed_memory()
@@ -159,6 +166,41 @@ def measure_training(recipe: Recipe, lengths: list[int], profile: bool = False) 
     warm_up = recipe.model_copy(update={"model": recipe.model.model_copy(update={"name_or_path": TOKENIZER})})
     _train(warm_up, [16] * recipe.training.batch_size, meter)
     return _train(recipe, lengths, meter, profile)
+
+
+def measure_plain(argv: list[str], profile: bool = False) -> dict[str, Any]:
+    """scripts/plain_qlora.py with `argv`, measured as `measure_training` measures `qlora train`.
+
+    Its own one-step run on builtin:tiny-llama warms up first (see `measure_training`).
+    """
+    import gc
+
+    import plain_qlora
+
+    from qlora_cli.builtin import resolve_builtin_model
+
+    if not torch.cuda.is_available():
+        _return_freed_memory()
+    meter = MemoryMeter()
+    with tempfile.TemporaryDirectory() as out:
+        tiny = ["--model", resolve_builtin_model(TOKENIZER), "--max-steps", "1", "--output-dir", out]
+        _measured_run(plain_qlora.build_trainer([*argv, *tiny]), meter)
+    gc.collect()
+    baseline = meter.current()
+    meter.reset_peak()
+    with meter.held_peak() as loading:
+        trainer = plain_qlora.build_trainer(argv)
+    load_peak, loaded_size = meter.peak() - baseline, meter.current() - baseline
+    measured = _measured_run(trainer, meter, profile)
+    return {
+        **measured,
+        "peak": meter.peak() - baseline,
+        "load_peak": load_peak,
+        "load_allocated_peak": loading.peak - loading.start,
+        "loaded_size": loaded_size,
+        "compute_dtype": dtype_name(torch.bfloat16 if trainer.args.bf16 else torch.float32),
+        **stored_bits(trainer.model),
+    }
 
 
 def _return_freed_memory() -> None:
@@ -170,30 +212,20 @@ def _return_freed_memory() -> None:
         libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
 
 
-def _train(recipe: Recipe, lengths: list[int], meter: MemoryMeter, profile: bool = False) -> dict[str, Any]:
+def _train(recipe: Recipe, lengths: list[int] | None, meter: MemoryMeter, profile: bool = False) -> dict[str, Any]:
     import gc
 
-    from transformers import TrainerCallback
-
-    from qlora_cli.data import PreparedData
+    from qlora_cli.data import PreparedData, prepare_data
     from qlora_cli.model import add_lora, load_model
+    from qlora_cli.plan import checkpointing_for_run
     from qlora_cli.trainer import build_trainer
-
-    class StepMeter(TrainerCallback):
-        """Wall and CPU time and tokens at each step's end; keeps the Trainer from writing a checkpoint."""
-
-        def __init__(self) -> None:
-            self.marks: list[tuple[float, float, int]] = []
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if meter.cuda:
-                torch.cuda.synchronize()
-            self.marks.append((time.perf_counter(), time.process_time(), state.num_input_tokens_seen))
-            control.should_save = False
 
     gc.collect()
     if meter.cuda:
         torch.cuda.empty_cache()
+    checkpointing = checkpointing_for_run(recipe)  # as `qlora train` decides `auto`, on this machine
+    recipe = recipe.model_copy(update={"training": recipe.training.model_copy(
+        update={"gradient_checkpointing": checkpointing.on})})  # fmt: skip
     baseline = meter.current()
     meter.reset_peak()
     t = recipe.training
@@ -201,43 +233,227 @@ def _train(recipe: Recipe, lengths: list[int], meter: MemoryMeter, profile: bool
         loaded = load_model(recipe.model, recipe.quantization, gradient_checkpointing=t.gradient_checkpointing)
         if recipe.lora.enabled:
             loaded.model = add_lora(loaded.model, recipe.lora, kind=loaded.kind)
-    model = loaded.model
     load_peak, loaded_size = meter.peak() - baseline, meter.current() - baseline
-    data = PreparedData(train=random_batches(loaded.model.config.vocab_size, lengths), eval=None)
-    trainer = build_trainer(recipe, loaded, data)
-    steps = StepMeter()
-    trainer.add_callback(steps)
-    meter.reset_peak()
-    with _profiler(profile) as prof:
-        trainer.train()
-    # The first step warms up and is left out. Medians resist a busy machine; CPU time (all threads of
-    # this process) resists it better still, as long as threads do not spin waiting for each other.
-    pairs = list(zip(steps.marks, steps.marks[1:]))
-    per_wall = [(n1 - n0) / (t1 - t0) for (t0, _, n0), (t1, _, n1) in pairs]
-    per_cpu = [(n1 - n0) / (c1 - c0) for (_, c0, n0), (_, c1, n1) in pairs]
+    if lengths is None:
+        data = prepare_data(recipe.data, loaded.tokenizer, kind=loaded.kind, seed=t.seed)
+    else:
+        data = PreparedData(train=random_batches(loaded.model.config.vocab_size, lengths), eval=None)
+    measured = _measured_run(build_trainer(recipe, loaded, data), meter, profile)
     return {
-        **({"profile": top_ops(prof)} if profile else {}),
+        **measured,
         "peak": meter.peak() - baseline,
-        "memory_kind": meter.kind,
         "load_peak": load_peak,
         "load_allocated_peak": loading.peak - loading.start,
         "loaded_size": loaded_size,
-        "largest_shard": largest_shard(Path(recipe.model.name_or_path)),
-        "tokens_per_s": statistics.median(per_wall) if pairs else None,
-        "tokens_per_cpu_s": statistics.median(per_cpu) if pairs else None,
-        "threads": torch.get_num_threads(),
-        **stored_bits(model),
+        "largest_shard": largest_shard(Path(loaded.source)),
+        "compute_dtype": dtype_name(loaded.compute_dtype),
+        "checkpointing_reason": checkpointing.reason,
+        **stored_bits(loaded.model),
     }
 
 
-def _profiler(enabled: bool) -> Any:
+class _StepMeter(TrainerCallback):
+    """Wall and CPU time at each step's end; keeps the Trainer from writing a checkpoint."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.marks: list[tuple[float, float]] = []
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.marks.append((time.perf_counter(), time.process_time()))
+        control.should_save = False
+
+
+class _ProfilerStep(TrainerCallback):
+    """Tells torch.profiler's schedule where each step ends."""
+
+    def __init__(self, prof: Any) -> None:
+        self.prof = prof
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.prof.step()
+
+
+class _BatchRecorder:
+    """Wraps a Trainer's collator: the rows of every batch it builds, in order (batch i is step i's)."""
+
+    def __init__(self, collate: Callable[[list[Any]], dict[str, torch.Tensor]]) -> None:
+        self.collate = collate
+        self.batches: list[tuple[list[int], int]] = []  # (tokens of each row, padded width)
+
+    def __call__(self, features: list[Any]) -> dict[str, torch.Tensor]:
+        batch = self.collate(features)
+        self.batches.append((row_lengths(batch), batch["input_ids"].shape[1]))
+        return batch
+
+
+def row_lengths(batch: dict[str, torch.Tensor]) -> list[int]:
+    """Tokens each right-padded row trains on: up to its last label (its EOS), else its attention mask.
+
+    Not the attention mask alone: qlora.py's collator masks every pad-token id, so where EOS is the pad
+    token (SmolLM2) it would miss each row's EOS.
+    """
+    labelled = batch["labels"] != IGNORE_INDEX
+    width = labelled.shape[1]
+    last = width - torch.flip(labelled, dims=[1]).int().argmax(dim=1)
+    by_mask = batch["attention_mask"].sum(dim=1) if "attention_mask" in batch else torch.full_like(last, width)
+    return torch.where(labelled.any(dim=1), last, by_mask).tolist()
+
+
+def _measured_run(trainer: Any, meter: MemoryMeter, profile: bool = False) -> dict[str, Any]:
+    """Train, timing every step; the first warms up and is left out of every rate.
+
+    Medians resist a busy machine; CPU time (all threads of this process) resists it better still, as
+    long as threads do not spin waiting for each other.
+    """
+    steps = _StepMeter(meter.cuda)
+    trainer.add_callback(steps)
+    recorder = _BatchRecorder(trainer.data_collator)
+    trainer.data_collator = recorder
+    n_steps = trainer.args.max_steps
+    meter.reset_peak()
+    with _profiler(profile and n_steps > 1, n_steps) as prof:
+        if prof is not None:
+            trainer.add_callback(_ProfilerStep(prof))
+        trainer.train()
+    work = training_work(trainer.model)
+    timed = list(zip(steps.marks, steps.marks[1:], recorder.batches[1:]))
+    seconds = [t1 - t0 for (t0, _), (t1, _), _ in timed]
+    cpu_seconds = [c1 - c0 for (_, c0), (_, c1), _ in timed]
+    tokens = [sum(rows) for _, _, (rows, _) in timed]
+    flops = [training_flops(work.arch, rows, **work.counting())["total"] for _, _, (rows, _) in timed]
+    real = sum(sum(rows) for rows, _ in recorder.batches[: len(steps.marks)])
+    padded = sum(len(rows) * width for rows, width in recorder.batches[: len(steps.marks)])
+    losses = [e["train_loss"] for e in trainer.state.log_history if "train_loss" in e]
+    out = {
+        "tokens_per_s": statistics.median(n / s for n, s in zip(tokens, seconds)) if timed else None,
+        "tokens_per_cpu_s": statistics.median(n / s for n, s in zip(tokens, cpu_seconds)) if timed else None,
+        "flops_per_s": statistics.median(f / s for f, s in zip(flops, seconds)) if timed else None,
+        "step_seconds": seconds,
+        "step_tokens": tokens,
+        "step_flops": flops,
+        "batch_tokens": statistics.median(len(rows) * width for _, _, (rows, width) in timed) if timed else None,
+        "padding_efficiency": real / max(padded, 1),
+        "train_loss": losses[-1] if losses else None,
+        "threads": torch.get_num_threads(),
+        "memory_kind": meter.kind,
+        **work.describe(),
+    }
+    if prof is not None:
+        out["profile"] = top_ops(prof)
+        out["profile_buckets"] = profile_buckets(prof.events(), work.arch.vocab, sum(seconds))
+    return out
+
+
+# --------------------------------------------------------------------------- model FLOPs and the matmul rate
+
+
+@dataclass(frozen=True)
+class TrainingWork:
+    """What one training step computes, read off the model that trained (not the recipe that asked for it)."""
+
+    arch: Architecture
+    lora_r: int | None  # None: full finetuning, the base's weight gradients too
+    lora_modules: tuple[str, ...]
+    checkpointing: bool
+
+    def counting(self) -> dict[str, Any]:
+        return {"lora_r": self.lora_r, "lora_modules": self.lora_modules, "checkpointing": self.checkpointing}
+
+    def describe(self) -> dict[str, Any]:
+        return {"hidden": self.arch.hidden, "intermediate": self.arch.intermediate, "vocab": self.arch.vocab,
+                **self.counting(), "lora_modules": list(self.lora_modules)}  # fmt: skip
+
+
+def training_work(model: Any) -> TrainingWork:
+    from qlora_cli.plan import architecture_from_config
+
+    arch = architecture_from_config(model.config, getattr(model.config, "name_or_path", "model"))
+    checkpointing = bool(model.is_activation_checkpointing)
+    peft_config = getattr(model, "peft_config", {}).get("default")
+    if peft_config is None:
+        return TrainingWork(arch, None, (), checkpointing)
+    targets = peft_config.target_modules
+    modules = tuple(arch.linears()) if isinstance(targets, str) else tuple(n for n in arch.linears() if n in targets)
+    return TrainingWork(arch, peft_config.r, modules, checkpointing)
+
+
+def training_flops(
+    arch: Architecture,
+    lengths: list[int],
+    *,
+    lora_r: int | None,
+    lora_modules: tuple[str, ...] = (),
+    checkpointing: bool,
+) -> dict[str, float]:
+    """Model FLOPs of one training step on rows of `lengths` tokens (a multiply-add counts 2).
+
+    Per token, with N the decoder's linear weights (q, k, v, o, gate, up, down of every layer), h the
+    hidden size, V the vocabulary, and r (in + out) per LoRA-adapted layer; per row of L tokens, the
+    P = L (L + 1) / 2 query-key pairs a causal mask keeps:
+    - forward: 2 N (linear layers) + 2 h V (head) + 2 r (in + out) (LoRA) per token, and
+      4 heads head_dim per pair (scores and the weighted sum of values)
+    - recompute, with gradient checkpointing: the decoder layers' forward again (the head is not recomputed)
+    - backward through the frozen base: activation gradients only, as much as the forward: 2 N + 2 h V
+      per token, attention 8 heads head_dim per pair (gradients of queries, keys and values); LoRA twice its
+      forward (the gradients of its input and of its two matrices); full finetuning (`lora_r` None) adds
+      the weight gradients of every linear layer and of the head (2 N + 2 h V)
+    Not counted: embeddings (a lookup), norms, activations, rotary embeddings, softmax, loss, optimizer.
+    """
+    tokens = sum(lengths)
+    pairs = sum(n * (n + 1) // 2 for n in lengths)
+    per_pair = 4 * arch.heads * (arch.head_dim or arch.hidden // arch.heads) * arch.layers
+    linear, head = 2 * arch.linear_params * tokens, 2 * arch.hidden * arch.vocab * tokens
+    lora = 0 if lora_r is None else 2 * lora_r * arch.layers * tokens * sum(
+        n_in + n_out for name, (n_in, n_out) in arch.linears().items() if name in lora_modules)  # fmt: skip
+    layers_forward = linear + per_pair * pairs + lora
+    forward = layers_forward + head
+    backward = linear + head + 2 * per_pair * pairs + 2 * lora + (linear + head if lora_r is None else 0)
+    recompute = layers_forward if checkpointing else 0
+    return {"forward": forward, "recompute": recompute, "backward": backward, "total": forward + recompute + backward}
+
+
+def matmul_rate(dtype: torch.dtype, m: int, k: int, n: int, seconds: float = 2.0) -> float:
+    """FLOP/s of a linear layer's training matmuls here: y = x Wᵀ, then the input's gradient dy W.
+
+    x is (m, k), W (n, k): pick m the tokens of a batch, k and n a linear layer's sides. Median of
+    repeats for at least `seconds` (and at least 5), after one to warm up.
+    """
+    x, weight, dy = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype), torch.randn(m, n, dtype=dtype)
+
+    def once() -> float:
+        started = time.perf_counter()
+        torch.nn.functional.linear(x, weight)
+        dy @ weight
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    if torch.cuda.is_available():
+        x, weight, dy = x.cuda(), weight.cuda(), dy.cuda()
+    once()
+    times: list[float] = []
+    while len(times) < 5 or sum(times) < seconds:
+        times.append(once())
+    return 4 * m * k * n / statistics.median(times)
+
+
+# --------------------------------------------------------------------------- profiles
+
+
+def _profiler(enabled: bool, steps: int = 0) -> Any:
+    """torch.profiler over every step but the first (which it traces to warm up, then drops); None: off."""
     from contextlib import nullcontext
 
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, schedule
 
     if not enabled:
         return nullcontext()
-    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else []))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    steps_traced = schedule(wait=0, warmup=1, active=steps - 1, repeat=1)
+    return profile(activities=activities, record_shapes=True, schedule=steps_traced)
 
 
 def top_ops(prof: Any, n: int = 12) -> list[tuple[str, float]]:
@@ -247,6 +463,65 @@ def top_ops(prof: Any, n: int = 12) -> list[tuple[str, float]]:
     total = sum(getattr(e, field) for e in events)
     events.sort(key=lambda e: getattr(e, field), reverse=True)
     return [(e.key, getattr(e, field) / total) for e in events[:n]]
+
+
+OUTSIDE = "outside operators (Python, Trainer)"
+BUCKETS = ("dequantization", "attention", "head + loss", "optimizer + clipping", "data collation", "dtype casts",
+           "LoRA dropout", "linear layers (base + LoRA)", "other operators (norms, activations, residuals, copies)",
+           OUTSIDE)  # fmt: skip
+_MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"}
+_MATMUL_NODES = ("mmbackward", "addmmbackward", "bmmbackward", "matmul4bit", "gemm_4bit")
+_DROPOUT = {"aten::dropout", "aten::native_dropout", "aten::bernoulli_", "aten::feature_dropout"}
+_LOSS = ("log_softmax", "logsoftmax", "nll_loss", "nllloss", "cross_entropy")
+
+
+def profile_buckets(events: list[Any], vocab: int, wall_s: float) -> dict[str, float]:
+    """Seconds of CPU self time in each of BUCKETS over the profiled steps.
+
+    An operator belongs to the first bucket that it or an operator it runs inside matches: the optimizer's
+    and the DataLoader's own profiler ranges; bitsandbytes' dequantize ops; scaled-dot-product attention
+    (forward and backward); anything with a vocabulary-wide tensor (the head's matmuls and the logits) or
+    a loss op; dtype conversions (`.to`, forward and backward); dropout; then the remaining matmuls and
+    their autograd nodes. Outside operators: the
+    profiler's per-step range less the operators inside it (Python, the Trainer's loop), and what fell
+    between steps.
+    """
+    seconds = dict.fromkeys(BUCKETS, 0.0)
+    for event in events:
+        seconds[_bucket(event, vocab)] += event.self_cpu_time_total / 1e6
+    seconds[OUTSIDE] += max(wall_s - sum(seconds.values()), 0.0)
+    return seconds
+
+
+def _bucket(event: Any, vocab: int) -> str:
+    chain = []
+    while event is not None:
+        chain.append(event)
+        event = event.cpu_parent
+    names = [e.name for e in chain]
+    lowered = [name.lower() for name in names]
+    if names[0].startswith("ProfilerStep"):
+        return OUTSIDE
+    if any(name.startswith("Optimizer.") for name in names) or names[0].startswith("aten::_foreach_"):
+        return "optimizer + clipping"
+    if any("dataloader" in name for name in lowered):
+        return "data collation"
+    if any("dequantize" in name for name in lowered):
+        return "dequantization"
+    if any("scaled_dot_product" in name or "scaleddotproduct" in name for name in lowered):
+        return "attention"
+    if "embedding" not in lowered[0] and any(
+        any(marker in name for marker in _LOSS) or any(vocab in shape for shape in (e.input_shapes or []))
+        for name, e in zip(lowered, chain)
+    ):
+        return "head + loss"
+    if any(name in ("aten::to", "aten::_to_copy") or name.startswith("ToCopyBackward") for name in names):
+        return "dtype casts"
+    if any(name in _DROPOUT for name in names):
+        return "LoRA dropout"
+    if names[0] in _MATMULS or any(node in lowered[0] for node in _MATMUL_NODES):
+        return "linear layers (base + LoRA)"
+    return BUCKETS[-2]
 
 
 def stored_bits(model: Any) -> dict[str, float]:
