@@ -25,10 +25,15 @@ def split_gguf_path(name_or_path: str, gguf_file: str | None) -> tuple[str, str 
     return name_or_path, gguf_file
 
 
-def dequantized_folder(source: str, gguf_file: str) -> Path:
-    """The cached Hugging Face copy of `source`/`gguf_file` (a local folder or a hub repo)."""
+def require_gguf_package(gguf_file: str) -> None:
+    """transformers reads GGUF through the optional `gguf` package: say so in one line, before it fails deeper."""
     if importlib.util.find_spec("gguf") is None:
         raise QloraError(f"reading {gguf_file} needs the gguf package: pip install 'qlora-cli[gguf]'")
+
+
+def dequantized_folder(source: str, gguf_file: str) -> Path:
+    """The cached Hugging Face copy of `source`/`gguf_file` (a local folder or a hub repo)."""
+    require_gguf_package(gguf_file)
     local = Path(source) / gguf_file
     identity = f"{local.resolve()}:{local.stat().st_size}:{local.stat().st_mtime_ns}" if local.is_file() else (
         f"{source}/{gguf_file}")  # fmt: skip

@@ -101,7 +101,6 @@ class MemoryMeter:
             sampler.join()
             held.sampled = held.peak
 
-
     @contextmanager
     def allocated_peak(self) -> Iterator[AllocatedPeak]:
         """What a GPU's max_memory_allocated tells, on the CPU too, which keeps no allocator statistics: there the

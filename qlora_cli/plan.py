@@ -121,19 +121,16 @@ def architecture_for(
     known = known_architecture(name_or_path)
     if known is not None and gguf_file is None:
         return known
-    import importlib.util
-
     from transformers import AutoConfig
 
     from qlora_cli.builtin import resolve_builtin_model
-    from qlora_cli.gguf import split_gguf_path
+    from qlora_cli.gguf import require_gguf_package, split_gguf_path
     from qlora_cli.model import _from_pretrained
 
     source, gguf_file = split_gguf_path(resolve_builtin_model(name_or_path), gguf_file)
     common: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
     if gguf_file:
-        if importlib.util.find_spec("gguf") is None:
-            raise QloraError(f"reading {gguf_file} needs the gguf package: pip install 'qlora-cli[gguf]'")
+        require_gguf_package(gguf_file)
         common["gguf_file"] = gguf_file
     try:
         config = _from_pretrained(AutoConfig.from_pretrained, source, "model config", **common)

@@ -293,6 +293,15 @@ def test_reviews_kept_inside_a_run_reach_its_report(tmp_path):
     assert "figures/elo.png" in report and (run.path / "figures" / "elo.png").is_file()
 
 
+def test_a_gguf_file_with_an_endpoint_is_refused_before_anything_is_asked(tmp_path):
+    from qlora_cli.eval.chat.answer import AnswerRequest, answer
+
+    request = AnswerRequest("vicuna", tmp_path / "a.jsonl", model="m", endpoint="http://127.0.0.1:9", gguf_file="m.gguf")
+    with pytest.raises(QloraError, match="--gguf-file loads a model here: an --endpoint serves its own"):
+        answer(request)  # vicuna would need the network: refused before the questions load
+    assert not (tmp_path / "a.jsonl").exists()
+
+
 def test_answers_from_an_endpoint_continue_where_a_run_stopped(tmp_path, fake_judge):
     from qlora_cli.eval.chat.answer import AnswerRequest, answer
 

@@ -44,6 +44,8 @@ class AnswerRequest:
 
 
 def answer(request: AnswerRequest) -> Path:
+    if request.endpoint and request.gguf_file:
+        raise QloraError("--gguf-file loads a model here: an --endpoint serves its own")
     questions = load_questions(request.benchmark, request.limit)
     done = {record["question_id"] for record in read_answers(request.output)} if request.output.exists() else set()
     todo = [q for q in questions if q.question_id not in done]
@@ -115,8 +117,6 @@ def _local_answers(request: AnswerRequest, todo: list[Question]) -> Iterator[tup
 def _endpoint_answers(request: AnswerRequest, todo: list[Question]) -> Iterator[tuple[str, Question, str]]:
     if not request.model:
         raise QloraError("--endpoint needs --model: the model name the endpoint serves")
-    if request.gguf_file:
-        raise QloraError("--gguf-file loads a model here: an --endpoint serves its own")
     client = openai_client(request.endpoint, request.api_key_env)
 
     def ask(question: Question) -> tuple[str, Question, str]:
