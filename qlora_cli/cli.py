@@ -570,7 +570,10 @@ def _print_summary(result) -> None:
     from qlora_cli.run_folder import CARD_FILE, REPORT_FILE
 
     m = result.metrics
-    lines = [f"Finished {m['steps']} steps in {m['runtime_s']:.0f} s ({m['tokens_per_s']:.0f} tokens/s)."]
+    lines = [
+        f"Finished {m['steps']} steps in {m['runtime_s']:.0f} s: {m['training_s']:.0f} s training at "
+        f"{m['tokens_per_s']:.0f} tokens/s, the rest evaluating and saving."
+    ]
     if result.losses:
         first, last = result.losses[0][1], result.losses[-1][1]
         low = min(loss for _, loss in result.losses)

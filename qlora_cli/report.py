@@ -155,8 +155,9 @@ def recipe_rows(recipe: Recipe, metrics: dict[str, Any] | None) -> Rows:
         trainable, total = metrics["trainable_params"], metrics["total_params"]
         rows += [
             ("Trainable parameters", f"{trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)"),
-            ("Runtime", f"{metrics['steps']} steps of {t.max_steps} in {_duration(metrics['runtime_s'])}, "
-                        f"{metrics['tokens']:,} tokens, {metrics['tokens_per_s']:,.0f} tokens/s"),
+            ("Runtime", f"{metrics['steps']} steps of {t.max_steps} in {_duration(metrics['runtime_s'])}"
+                        + (f" ({_duration(metrics['training_s'])} training)" if "training_s" in metrics else "")
+                        + f", {metrics['tokens']:,} tokens, {metrics['tokens_per_s']:,.0f} tokens/s"),
             ("Peak memory", f"{metrics['peak_memory_bytes'] / 2**30:.2f} GiB ({metrics['peak_memory_kind']})"),
         ]
         if "gradient_checkpointing" in metrics:  # recorded since `auto` depends on the machine

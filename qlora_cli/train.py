@@ -218,7 +218,9 @@ def write_report_and_card(
 
 
 def _metrics(trainer: QloraTrainer, runtime: float) -> dict[str, Any]:
+    """`tokens_per_s` is over training time: evaluation, MMLU and checkpoints are in `runtime_s` only."""
     state = trainer.state
+    training = trainer.training_seconds()
     losses = [e["loss"] for e in state.log_history if "loss" in e]
     train_loss = next((e["train_loss"] for e in reversed(state.log_history) if "train_loss" in e), None)
     trainable, total = count_parameters(trainer.model)
@@ -228,8 +230,9 @@ def _metrics(trainer: QloraTrainer, runtime: float) -> dict[str, Any]:
         "final_logged_loss": losses[-1] if losses else None,
         "steps": state.global_step,
         "runtime_s": round(runtime, 2),
+        "training_s": round(training, 2),
         "tokens": state.num_input_tokens_seen,
-        "tokens_per_s": round(state.num_input_tokens_seen / max(runtime, 1e-9), 1),
+        "tokens_per_s": round(state.num_input_tokens_seen / max(training, 1e-9), 1),
         "peak_memory_bytes": memory.peak(),
         "peak_memory_kind": memory.kind,
         "processes": trainer.args.world_size,

@@ -80,6 +80,10 @@ class QloraTrainer(Trainer):
             self._tokens_at_last_log = self.state.num_input_tokens_seen
         return super().get_batch_samples(epoch_iterator, num_batches, device)
 
+    def training_seconds(self) -> float:
+        """Seconds spent training in this process: not evaluation, MMLU or checkpoints (see `paused_clock`)."""
+        return self._clock.elapsed()
+
     @contextmanager
     def paused_clock(self) -> Iterator[None]:
         """Time spent in here does not count as training time (evaluation, MMLU, checkpoints)."""
@@ -149,13 +153,14 @@ class SeededLengthGroupedSampler(LengthGroupedSampler):
 
 
 class StepClock:
-    """Seconds of training between two laps, leaving out what ran inside `paused()`."""
+    """Seconds of training between two laps and in all, leaving out what ran inside `paused()`."""
 
     def __init__(self) -> None:
         self.running = False
         self._lap_started = 0.0
         self._paused = 0.0
         self._depth = 0
+        self._laps_total = 0.0
 
     def start(self) -> None:
         self.running, self._lap_started, self._paused = True, time.perf_counter(), 0.0
@@ -175,7 +180,14 @@ class StepClock:
         now = time.perf_counter()
         seconds = now - self._lap_started - self._paused
         self._lap_started, self._paused = now, 0.0
+        self._laps_total += seconds
         return seconds
+
+    def elapsed(self) -> float:
+        """Training seconds since `start`, the lap under way included."""
+        if not self.running:
+            return 0.0
+        return self._laps_total + time.perf_counter() - self._lap_started - self._paused
 
 
 class TrainingProgress(TrainerCallback):

@@ -56,6 +56,8 @@ def test_metrics_are_finite_and_complete(run):
     assert metrics["steps"] == 4
     assert math.isfinite(metrics["train_loss"]) and metrics["train_loss"] > 0
     assert metrics["tokens_per_s"] > 0 and metrics["peak_memory_bytes"] > 0
+    assert 0 < metrics["training_s"] <= metrics["runtime_s"]
+    assert metrics["tokens_per_s"] == pytest.approx(metrics["tokens"] / metrics["training_s"], rel=0.02)
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import inspect
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,7 @@ OVERRIDDEN = [
 
 def test_every_overridden_method_exists_on_the_trainer_with_the_arguments_we_pass_on():
     ours = {name for name, value in vars(QloraTrainer).items() if callable(value) and not name.startswith("__")}
-    assert ours - {"paused_clock", "_restore"} == set(OVERRIDDEN)
+    assert ours - {"paused_clock", "training_seconds", "_restore"} == set(OVERRIDDEN)
     for name in OVERRIDDEN:
         base = inspect.signature(getattr(Trainer, name)).parameters
         mine = inspect.signature(getattr(QloraTrainer, name)).parameters
@@ -125,11 +126,15 @@ def test_evaluation_and_mmlu_run_with_the_training_clock_paused(tmp_path, monkey
 
     def evaluate(self, *args, **kwargs):
         seen.append(self._clock._depth)
+        time.sleep(1)  # a slow evaluation: not training time
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    started = time.perf_counter()
     trainer.train()
+    wall = time.perf_counter() - started
     assert seen == [1, 1]  # eval_steps=1: called by the Trainer after each step, inside paused_clock
+    assert 0 < trainer.training_seconds() < wall - 2  # what metrics.json's tokens_per_s divides by
 
 
 def test_step_clock_leaves_out_paused_time(monkeypatch):
@@ -148,6 +153,10 @@ def test_step_clock_leaves_out_paused_time(monkeypatch):
     assert clock.lap() == 3
     now[0] += 4
     assert clock.lap() == 4
+    now[0] += 2
+    with clock.paused():
+        now[0] += 10
+    assert clock.elapsed() == 3 + 4 + 2  # every lap and the one under way, without paused time
 
 
 def test_a_failed_save_is_one_line_keeps_the_earlier_checkpoint_and_closes_the_callbacks(tmp_path, monkeypatch):
