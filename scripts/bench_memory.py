@@ -65,7 +65,7 @@ def main() -> None:
         for setup in args.setups.split(","):
             started = time.perf_counter()
             full_length = [shape.seq_len] * (shape.steps * shape.batch_size)
-            recipe, measured = measure_setup(checkpoint, setup, shape, full_length)
+            recipe, measured = measure_setup(checkpoint, setup, shape, full_length, for_memory=True)
             predicted = plan_memory(recipe, arch, device=device).estimates[0].allocated()
             row = {"size": name, "params": arch.params, "vocab": arch.vocab, "setup": setup, "predicted": predicted,
                    **measured}  # fmt: skip
@@ -116,7 +116,7 @@ def allocated_peak(checkpoint: Path, setup: str, shape: RunShape, lengths: list[
 def _profiled_training(recipe: Recipe, lengths: list[int]) -> dict[str, int]:
     """Counted from before `measure_training`'s warm-up on builtin:tiny-llama, whose few leftover MB count too."""
     with MemoryMeter("cpu").allocated_peak() as held:
-        measure_training(recipe, lengths)
+        measure_training(recipe, lengths, for_memory=True)
     return {"allocated_peak": held.peak}
 
 

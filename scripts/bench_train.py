@@ -114,7 +114,7 @@ def main() -> None:
         lengths = [rng.randint(args.seq_len // 2, args.seq_len) for _ in range(args.steps * args.batch_size)]
         results = {}
         for setup in setups:
-            results[setup] = measure_setup(checkpoint, setup, shape, lengths, args.profile)[1]
+            results[setup] = measure_setup(checkpoint, setup, shape, lengths, args.profile, for_memory=False)[1]
             _progress(setup, results[setup])
         gc = "off" if args.no_gradient_checkpointing else "on"
         about = (f"{args.size}: {arch.params / 1e6:.0f}M parameters, batch {args.batch_size} x up to "
@@ -132,8 +132,9 @@ def main() -> None:
         print(utilisation_table(results))
         print(targets(results, device))
     first = next(iter(results.values()))
-    print(f"\npeak memory: {first.get('memory_kind', '?')}, counted from before loading; {first.get('threads')} "
-          "threads; tokens/s and tokens per CPU-second: medians over the timed steps")  # fmt: skip
+    print(f"\npeak memory: {first.get('memory_kind', '?')}, counted from before loading (on the CPU including heap "
+          f"glibc keeps after frees; bench_memory.py measures memory); {first.get('threads')} threads; "
+          "tokens/s and tokens per CPU-second: medians over the timed steps")  # fmt: skip
     for dtype, rate in rates.items():
         m, k, n = rate["shape"]
         print(f"matmul rate ({dtype}): {rate['flops_per_s'] / 1e9:.1f} GFLOP/s, x ({m} x {k}) by W ({n} x {k}), "

@@ -134,12 +134,12 @@ def bench_recipe(
 
 
 def measure_setup(
-    checkpoint: Path, setup: str, shape: RunShape, lengths: list[int], profile: bool = False
+    checkpoint: Path, setup: str, shape: RunShape, lengths: list[int], profile: bool = False, *, for_memory: bool
 ) -> tuple[Recipe, dict[str, Any]]:
     """Train one setup in a fresh process with a throwaway output_dir: the recipe it ran, and what was measured."""
     with tempfile.TemporaryDirectory() as out:
         recipe = bench_recipe(checkpoint, setup, shape, Path(out))
-        return recipe, isolated(measure_training, recipe, lengths, profile)
+        return recipe, isolated(measure_training, recipe, lengths, profile, for_memory)
 
 
 def random_batches(vocab: int, lengths: list[int], seed: int = 0) -> Any:
@@ -151,16 +151,19 @@ def random_batches(vocab: int, lengths: list[int], seed: int = 0) -> Any:
     return Dataset.from_dict({"input_ids": ids, "labels": ids, "length": lengths})
 
 
-def measure_training(recipe: Recipe, lengths: list[int] | None, profile: bool = False) -> dict[str, Any]:
+def measure_training(
+    recipe: Recipe, lengths: list[int] | None, profile: bool = False, for_memory: bool = False
+) -> dict[str, Any]:
     """Load as `qlora train` does and train: peak memory, speed, model FLOP/s, storage.
 
     `lengths`: random token rows of these lengths (len(lengths) / batch_size steps); None: the recipe's own
     data, prepared as `qlora train` prepares it. A one-step run of builtin:tiny-llama first brings every
     library's code and import-time memory into the baseline, so the peaks count the model's tensors and
-    little else. On the CPU, glibc is told to hand freed tensor memory straight back (M_MMAP_THRESHOLD
-    64 KiB); otherwise peak RSS also counts heap it keeps after frees.
+    little else. `for_memory`: on the CPU, glibc is told to hand freed tensor memory straight back
+    (M_MMAP_THRESHOLD 64 KiB), or peak RSS also counts heap it keeps after frees. Not for speed: every
+    tensor then maps fresh pages, which halved training speed on SmolLM2-135M.
     """
-    if not torch.cuda.is_available():
+    if for_memory and not torch.cuda.is_available():
         _return_freed_memory()
     meter = MemoryMeter()
     warm_up = recipe.model_copy(update={"model": recipe.model.model_copy(update={"name_or_path": TOKENIZER})})
@@ -168,7 +171,7 @@ def measure_training(recipe: Recipe, lengths: list[int] | None, profile: bool = 
     return _train(recipe, lengths, meter, profile)
 
 
-def measure_plain(argv: list[str], profile: bool = False) -> dict[str, Any]:
+def measure_plain(argv: list[str], profile: bool = False, for_memory: bool = False) -> dict[str, Any]:
     """scripts/plain_qlora.py with `argv`, measured as `measure_training` measures `qlora train`.
 
     Its own one-step run on builtin:tiny-llama warms up first (see `measure_training`).
@@ -179,7 +182,7 @@ def measure_plain(argv: list[str], profile: bool = False) -> dict[str, Any]:
 
     from qlora_cli.builtin import resolve_builtin_model
 
-    if not torch.cuda.is_available():
+    if for_memory and not torch.cuda.is_available():
         _return_freed_memory()
     meter = MemoryMeter()
     with tempfile.TemporaryDirectory() as out:
