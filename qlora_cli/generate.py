@@ -151,13 +151,16 @@ def load_generator(
         if recipe is not None:
             trained = replace(trained, recipe=recipe)
         recipe = trained.recipe
-        loaded = load_for_inference(trained.base_model(model), trained.quantization, trained.path, device=device)
+        loaded = load_for_inference(
+            trained.base_model(model), trained.quantization, trained.path, device=device, generation=True
+        )
     elif model:
         if recipe is None and Path(model.name_or_path).is_dir():
             recipe = read_recipe(Path(model.name_or_path))
         trust = bool(recipe and recipe.model.trust_remote_code)
         loaded = load_for_inference(
-            model.model_copy(update={"trust_remote_code": trust}), QuantizationConfig(bits=16), device=device
+            model.model_copy(update={"trust_remote_code": trust}), QuantizationConfig(bits=16), device=device,
+            generation=True,
         )
     else:
         raise QloraError("pass --model (a model folder or hub id), --adapter (a trained adapter folder), or both")

@@ -113,16 +113,16 @@ def merge_adapter(request: MergeRequest) -> MergeReport:
             # The trained model (NF4 base + adapter) computed in the merge's dtype: an fp32 merge of an adapter
             # trained with bf16 compute is checked against the model itself, not against bf16 rounding noise.
             as_merged = quant.model_copy(update={"compute_dtype": dtype})
-            trained = load_for_inference(model_cfg, as_merged, adapter.path, device=device, as_trained=True)
+            trained = load_for_inference(model_cfg, as_merged, adapter.path, device=device)
             reference, base_only = _logits_with_and_without_adapter(trained, adapter)
             quantized = _quantized_weights(trained.model)
             del trained
             _release_memory()
-            loaded = load_for_inference(model_cfg, sixteen_bit, adapter.path, device=device, as_trained=True)
+            loaded = load_for_inference(model_cfg, sixteen_bit, adapter.path, device=device)
             _round_trip_in_place(loaded.model, quantized)
             reference_name = f"4-bit {quant.quant_type} base + adapter, as trained (computed in {dtype})"
         else:
-            loaded = load_for_inference(model_cfg, sixteen_bit, adapter.path, device=device, as_trained=True)
+            loaded = load_for_inference(model_cfg, sixteen_bit, adapter.path, device=device)
             reference, base_only = _logits_with_and_without_adapter(loaded, adapter)
             reference_name = f"{dtype} base + adapter, unmerged"
         # In place (no safe_merge, which clones every weight and so keeps a second copy alive);

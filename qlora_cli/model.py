@@ -154,13 +154,13 @@ def load_model(
     device: str | None = None,
     gradient_checkpointing: bool = False,
     for_training: bool = True,
-    fast_inference_kernel: bool = False,
+    generation: bool = False,
     fsdp: bool = False,
 ) -> LoadedModel:
     """Quantized while loading, shard by shard: the full-precision model is never materialized.
 
-    `fast_inference_kernel` lets a model that is not trained use bitsandbytes' fused CPU kernel where it
-    computes what the model would (qlora_cli.kernels); training and merge checks never do.
+    `generation`: a model that is not trained and generates token by token may use bitsandbytes' fused CPU
+    kernel where it computes what the model would (qlora_cli.kernels); training, scoring and merge checks never do.
     """
     import transformers
     from transformers import AutoConfig
@@ -184,7 +184,7 @@ def load_model(
     model = _from_pretrained(auto_class.from_pretrained, source, "model", **kwargs)
     tokenizer = load_tokenizer(cfg)
     ensure_pad_token(tokenizer, model)
-    cpu_kernel = choose_cpu_kernel(model, compute_dtype, device, inference=fast_inference_kernel and not for_training)
+    cpu_kernel = choose_cpu_kernel(model, compute_dtype, device, inference=generation and not for_training)
     if not for_training:
         model.eval()
     else:
@@ -204,13 +204,13 @@ def load_for_inference(
     adapter: str | os.PathLike | None = None,
     *,
     device: str | None = None,
-    as_trained: bool = False,
+    generation: bool = False,
 ) -> LoadedModel:
     """Base (quantized as recipe says) plus an optional trained adapter, in eval mode.
 
-    `as_trained` computes exactly as training did (no fused inference kernel): for references to check against.
+    It computes as training did, unless `generation` picks the fused CPU kernel for decoding (qlora_cli.kernels).
     """
-    loaded = load_model(cfg, quant, device=device, for_training=False, fast_inference_kernel=not as_trained)
+    loaded = load_model(cfg, quant, device=device, for_training=False, generation=generation)
     if adapter is not None:
         attach_adapter(loaded, adapter)
     return loaded

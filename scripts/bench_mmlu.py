@@ -21,7 +21,9 @@ the only work saved is the vocabulary head at every position but the last, so on
 one prompt at its peak rate, the speed-up stays near the ratio of that work.
 
 Each scorer's row names the dtype its 4-bit layers compute in and the CPU kernel they use
-(`quantization.compute_dtype: auto` gives bf16 and bitsandbytes' fused kernel on a CPU with bf16 units);
+(`quantization.compute_dtype: auto` gives bf16 on a CPU with bf16 units). `qlora eval mmlu` scores with
+dequantize + matmul; where bitsandbytes has its fused CPU kernel (AVX512-BF16), which a plain
+transformers + bitsandbytes script gets at eval() in bf16, a third row scores one at a time through it.
 `--baseline-compute-dtype fp32` loads the model a second time for the one-at-a-time scorer, as a user of
 the original code in fp32 gets it.
 """
@@ -36,7 +38,7 @@ import torch
 from benchlib import SIZES, TOKENIZER, random_checkpoint
 from qlora_cli.config import MmluEvalConfig, ModelConfig, QuantizationConfig
 from qlora_cli.eval.mmlu import evaluate, letter_token_ids, load_items, summarize
-from qlora_cli.kernels import bf16_matrix_units
+from qlora_cli.kernels import DEQUANTIZE, bf16_matrix_units, packed_kernel_available
 from qlora_cli.model import DTYPES, load_for_inference
 
 SUBJECTS = "abstract_algebra,high_school_biology,moral_scenarios,virology"
@@ -123,22 +125,28 @@ def main() -> None:
     )
     items = load_items(cfg, loaded.tokenizer)
     tokenizer = loaded.tokenizer
-    for scorer in {id(baseline): baseline, id(loaded): loaded}.values():
+    prompts = [i.prompt for i in items]
+    scorers = [("one question at a time", baseline, lambda: summarize(items, one_at_a_time(baseline, prompts)))]
+    if baseline.cpu_kernel == DEQUANTIZE and baseline.compute.name == "bf16" and packed_kernel_available():
+        quant_of_baseline = quant.model_copy(update={"compute_dtype": baseline.compute.name})
+        fused = load_for_inference(model_cfg, quant_of_baseline, generation=True)
+        scorers.append(("one at a time, fused kernel", fused, lambda: summarize(items, one_at_a_time(fused, prompts))))
+    scorers.append(
+        (f"batched (batch {args.batch_size})", loaded, lambda: evaluate(loaded, items, batch_size=args.batch_size))
+    )
+    for _, scorer, _ in scorers:
         one_at_a_time(scorer, [items[0].prompt])  # warm up kernels and allocator (the fused kernel repacks here)
-    single_work, batched_work = LinearWork(baseline.model), LinearWork(loaded.model)
-
-    single, single_s, single_cpu = timed(
-        lambda: summarize(items, one_at_a_time(baseline, [i.prompt for i in items]))
-    )
-    single_macs = single_work.take()
-    batched_work.take()  # the same model's hooks also counted the one-at-a-time run
-    batched, batched_s, batched_cpu = timed(
-        lambda: evaluate(loaded, items, batch_size=args.batch_size)
-    )
-    batched_macs = batched_work.take()
+    work = {id(scorer.model): LinearWork(scorer.model) for _, scorer, _ in scorers}
+    rows = []
+    for name, scorer, score in scorers:
+        for counter in work.values():
+            counter.take()
+        result, wall, cpu = timed(score)
+        rows.append((name, scorer, result, wall, cpu, work[id(scorer.model)].take()))
 
     n = len(items)
     tokens = sum(len(tokenizer(i.prompt, add_special_tokens=False)["input_ids"]) for i in items) / n
+    single, batched = rows[0][2], rows[-1][2]
     same = [a["prediction"] == b["prediction"] for a, b in zip(single.predictions, batched.predictions)]
     gap = max(
         abs(a["logits"][k] - b["logits"][k])
@@ -154,18 +162,18 @@ def main() -> None:
         f"{len(cfg.subjects)} subjects, {tokens:.0f} prompt tokens on average, {device}"
     )
     print(
-        f"{'scorer':<26} {'compute':>7} {'CPU kernel':>17} {'wall s':>7} {'questions/s':>12} {'speedup':>8}"
+        f"{'scorer':<28} {'compute':>7} {'CPU kernel':>17} {'wall s':>7} {'questions/s':>12} {'speedup':>8}"
         f" {'CPU s':>7} {'speedup':>8} {'linear GMAC':>12} {'less work':>10}"
     )
-    for name, scorer, wall, cpu, macs in (
-        ("one question at a time", baseline, single_s, single_cpu, single_macs),
-        (f"batched (batch {args.batch_size})", loaded, batched_s, batched_cpu, batched_macs),
-    ):
+    _, _, _, single_s, single_cpu, single_macs = rows[0]
+    for name, scorer, _, wall, cpu, macs in rows:
         print(
-            f"{name:<26} {scorer.compute.name:>7} {scorer.cpu_kernel or '-':>17} {wall:>7.1f} {n / wall:>12.2f}"
+            f"{name:<28} {scorer.compute.name:>7} {scorer.cpu_kernel or '-':>17} {wall:>7.1f} {n / wall:>12.2f}"
             f" {single_s / wall:>7.1f}x {cpu:>7.1f} {single_cpu / cpu:>7.1f}x"
             f" {macs / 1e9:>12.1f} {single_macs / macs:>9.1f}x"
         )
+    if len(rows) == 3:
+        print(f"batched over one at a time through the fused kernel: {rows[1][3] / rows[-1][3]:.1f}x (wall)")
     print(f"identical predictions: {sum(same)}/{n}; largest letter-logit difference {gap:.2e}")
 
 

@@ -64,9 +64,9 @@ def test_a_model_loaded_for_training_keeps_its_weights_through_an_eval_forward(a
     _assert_forward_is_the_dequantized_weight(layer)
 
 
-@pytest.mark.parametrize("as_trained", [False, True])
-def test_fp32_inference_keeps_the_weights_as_trained(avx512_bf16_defaults, as_trained):
-    loaded = load_for_inference(TINY, NF4, as_trained=as_trained)
+@pytest.mark.parametrize("generation", [False, True])
+def test_fp32_inference_keeps_the_weights_as_trained(avx512_bf16_defaults, generation):
+    loaded = load_for_inference(TINY, NF4, generation=generation)
     assert loaded.cpu_kernel == DEQUANTIZE  # the fused kernel would compute in bf16
     _no_grad_eval_forward(loaded.model)
     assert packed_weights(loaded.model) == []
@@ -93,6 +93,16 @@ def test_fused_kernel_only_for_bf16_inference_on_a_cpu_that_has_it(monkeypatch, 
     assert choose_cpu_kernel(model, dtype, device, inference=inference) == DEQUANTIZE
 
 
+def test_scoring_prompts_never_takes_the_fused_kernel(monkeypatch, avx512_bf16_defaults):
+    """MMLU scores whole prompts: there dequantize + bf16 matmul is ~8x the fused kernel (docs/benchmarks.md)."""
+    import qlora_cli.kernels
+
+    monkeypatch.setattr(qlora_cli.kernels, "packed_kernel_available", lambda: True)
+    bf16 = QuantizationConfig(bits=4, compute_dtype="bf16")
+    assert load_for_inference(TINY, bf16).cpu_kernel == DEQUANTIZE
+    assert load_for_inference(TINY, bf16, generation=True).cpu_kernel == PACKED
+
+
 def test_a_16_bit_model_has_no_4bit_kernel():
     loaded = load_for_inference(TINY, QuantizationConfig(bits=16))
     assert loaded.cpu_kernel is None
@@ -102,7 +112,7 @@ def test_a_16_bit_model_has_no_4bit_kernel():
 def test_fused_kernel_gives_the_predictions_of_bf16_compute():
     """Where the fused kernel runs (AVX512-BF16), it must answer as dequantize + bf16 matmul does."""
     bf16 = QuantizationConfig(bits=4, compute_dtype="bf16")
-    fused, exact = load_for_inference(TINY, bf16), load_for_inference(TINY, bf16, as_trained=True)
+    fused, exact = load_for_inference(TINY, bf16, generation=True), load_for_inference(TINY, bf16)
     assert (fused.cpu_kernel, exact.cpu_kernel) == (PACKED, DEQUANTIZE)
     tokenizer = exact.tokenizer
     prompts = [f"Repeat the words. {' '.join(['green', 'stone', 'river'][: 1 + i % 3])} number {i}" for i in range(24)]
