@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +14,7 @@ from qlora_cli.config import LoraConfig, ModelConfig, QuantizationConfig, Recipe
 from qlora_cli.data.tokenize import PaddingCollator
 from qlora_cli.errors import QloraError, refusing_pickled_code
 from qlora_cli.gguf import dequantized_folder, split_gguf_path
+from qlora_cli.dropout import use_cpu_dropout
 from qlora_cli.kernels import bf16_matrix_units, choose_cpu_kernel
 from qlora_cli.model_kind import ModelKind, kind_of
 from qlora_cli.run_folder import ADAPTER_CONFIG_FILE, has_adapter
@@ -332,9 +334,20 @@ def add_lora(model: Any, cfg: LoraConfig, *, kind: ModelKind) -> Any:
         task_type=TaskType(kind.peft_task_type),
     )
     try:
-        return get_peft_model(model, peft_config)
+        model = get_peft_model(model, peft_config)
     except ValueError as exc:
         raise QloraError(f"lora.target_modules: {exc}") from None
+    use_cpu_dropout(model)
+    return model
+
+
+def computes_logits_where_asked(model: Any) -> bool:
+    """A transformers causal LM whose forward takes `logits_to_keep` and whose loss reads `shift_labels`."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    takes_positions = "logits_to_keep" in inspect.signature(type(base).forward).parameters
+    return takes_positions and getattr(base, "loss_function", None) is ForCausalLMLoss
 
 
 def count_parameters(model: Any) -> tuple[int, int]:

@@ -32,7 +32,7 @@ from qlora_cli.distributed import fsdp_config
 from qlora_cli.errors import QloraError
 from qlora_cli.guards import GracefulStop, NonFiniteLossGuard
 from qlora_cli.memory import MemoryMeter
-from qlora_cli.model import LoadedModel
+from qlora_cli.model import LoadedModel, computes_logits_where_asked
 from qlora_cli.run_folder import TRAINER_STATE_FILE, RunFolder, checkpoint_name, trained_steps
 
 
@@ -275,7 +275,9 @@ def build_trainer(recipe: Recipe, loaded: LoadedModel, data: PreparedData) -> Ql
         args=args,
         train_dataset=data.train,
         eval_dataset=data.eval if args.eval_strategy != "no" else None,
-        data_collator=PaddingCollator(loaded.tokenizer.pad_token_id),
+        data_collator=PaddingCollator(
+            loaded.tokenizer.pad_token_id, logits_for_labels_only=computes_logits_where_asked(loaded.model)
+        ),
         processing_class=loaded.tokenizer,
         recipe=recipe,
     )

@@ -59,3 +59,13 @@ def test_collator_pads_labels_with_ignore_index_so_padding_never_counts():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [5, -100, -100]]
+
+
+def test_collator_keeps_logits_only_where_some_row_predicts_a_label():
+    batch = PaddingCollator(pad_token_id=0, logits_for_labels_only=True)([
+        {"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, -100, 8, 9]},  # positions 2 and 3 predict 8, 9
+        {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},  # positions 0 and 1 predict 6, 7
+    ])
+    assert batch["logits_to_keep"].tolist() == [0, 1, 2, 3]  # position 4 predicts nothing in any row
+    assert batch["shift_labels"].tolist() == [[-100, -100, 8, 9], [6, 7, -100, -100]]
+    assert batch["labels"].tolist() == [[-100, -100, -100, 8, 9], [-100, 6, 7, -100, -100]]

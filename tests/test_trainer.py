@@ -20,7 +20,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from qlora_cli.config import Recipe, validate_recipe
-from qlora_cli.data import prepare_data
+from qlora_cli.data import PaddingCollator, prepare_data
 from qlora_cli.errors import QloraError
 from qlora_cli.model import add_lora, load_model
 from qlora_cli.run_folder import RECIPE_FILE, RunFolder
@@ -244,3 +244,32 @@ def test_group_by_length_order_depends_on_seed_and_epoch_only():
     resumed = skip_first_batches(loader, 3)  # how the Trainer fast-forwards on resume
     sampler.set_epoch(1)
     assert [int(i) for b in resumed for i in b] == expected[12:]
+
+
+def test_logits_only_where_labels_are_give_the_loss_and_gradients_of_all_logits(tmp_path):
+    """What `qlora train` collates for a causal LM (head and loss on fewer positions) trains the same adapter."""
+    recipe = _recipe(tmp_path)
+    trainer = _trainer(recipe)
+    assert trainer.data_collator.logits_for_labels_only
+    features = [trainer.train_dataset[i] for i in range(4)]
+    full = PaddingCollator(trainer.data_collator.pad_token_id)(features)
+    fewer = trainer.data_collator(features)
+    assert 0 < len(fewer["logits_to_keep"]) < full["input_ids"].shape[1]  # the prompts' positions are left out
+    model = trainer.model
+    model.eval()  # no dropout: the two forwards see the same network
+    results = []
+    for batch in (full, fewer):
+        model.zero_grad()
+        loss = model(**batch, num_items_in_batch=int((full["labels"][:, 1:] != -100).sum())).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), grads))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, msg=name)
+
+
+def test_an_encoder_decoder_model_gets_logits_at_every_position(tmp_path):
+    raw = _recipe(tmp_path).model_dump(mode="json")
+    raw["model"]["name_or_path"] = "builtin:tiny-t5"
+    assert not _trainer(validate_recipe(raw)).data_collator.logits_for_labels_only
