@@ -417,10 +417,11 @@ def _model_tensors(arch: Architecture) -> list[int]:
 class Activations:
     """Bytes autograd keeps between forward and backward, plus the transients at the peak.
 
-    Per token and decoder layer (elements): SDPA keeps q, k, v and its output (2a + 2kv), the two
-    RMSNorms their fp32 inputs (2h), the gated MLP gate, act(gate) and up (3i). A LoRA adapter keeps
-    its input (shared between q/k/v, and gate/up reuse the norm output) and its rank-r middle; with
-    dropout every adapter keeps its own dropped copy and the mask. A trainable base keeps the inputs
+    Per token and decoder layer (elements): SDPA keeps q, k, v and its output (2a + 2kv) and an fp32
+    log-sum-exp per head, the two RMSNorms their fp32 inputs (2h) and reciprocal RMS (2), the gated MLP
+    gate, act(gate) and up (3i); RoPE's cos and sin are per position, not per token, and left out. A LoRA
+    adapter keeps its input (shared between q/k/v, and gate/up reuse the norm output) and its rank-r middle;
+    with dropout every adapter keeps its own dropped copy and a bool mask. A trainable base keeps the inputs
     of every linear layer and the normalized states for the norms' weight gradients.
     """
 
@@ -437,15 +438,14 @@ class Activations:
         a = self.arch
         h, att, kv, i = a.hidden, a.attention_width, a.kv_width, a.intermediate
         elements = 2 * att + 2 * kv + 3 * i
-        fp32 = 2 * h
+        fp32 = 2 * h + 2 + a.heads
         if self.setup.lora:
             layer = a.linears()
             lora = self.recipe.lora
-            mask = 1 if self.device == "cuda" else self.c  # CUDA dropout keeps a bool mask, the CPU a float one
-            if lora.dropout > 0:
+            if lora.dropout > 0:  # a bool mask: CUDA's fused dropout and qlora_cli.dropout.CpuDropout
                 inputs = sum(layer[m][0] for m in self.modules)
                 elements += inputs
-                masks = inputs * mask
+                masks = inputs
             else:
                 qkv = any(m in self.modules for m in ATTENTION[:3])
                 elements += h * qkv + att * ("o_proj" in self.modules) + i * ("down_proj" in self.modules)
