@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+PROFILER_LABEL = "CpuDropout"  # what a torch.profiler trace names its forward (scripts/bench_train.py --profile)
 _BITS = 15
 _LOW_BITS = (1 << _BITS) - 1
 
@@ -30,10 +31,11 @@ class CpuDropout(nn.Module):
         if not self.training:
             return x
         n = x.numel()
-        # random_() on int64 fills [0, 2**63): the low 15 bits of each 16-bit quarter are uniform
-        quarters = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_().view(torch.int16)[:n]
-        dropped = (quarters & _LOW_BITS) < self._threshold
-        return x.masked_fill(dropped.view(x.shape), 0).mul_(1 / (1 - self.p))
+        with torch.profiler.record_function(PROFILER_LABEL):
+            # random_() on int64 fills [0, 2**63): the low 15 bits of each 16-bit quarter are uniform
+            quarters = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_().view(torch.int16)[:n]
+            dropped = (quarters & _LOW_BITS) < self._threshold
+            return x.masked_fill(dropped.view(x.shape), 0).mul_(1 / (1 - self.p))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -26,6 +26,7 @@ import torch
 from transformers import TrainerCallback
 
 from qlora_cli.config import Recipe, validate_recipe
+from qlora_cli.dropout import PROFILER_LABEL as CPU_DROPOUT_LABEL
 from qlora_cli.errors import QloraError
 from qlora_cli.memory import MemoryMeter
 from qlora_cli.model import dtype_name
@@ -474,7 +475,9 @@ BUCKETS = ("dequantization", "attention", "head + loss", "optimizer + clipping",
            OUTSIDE)  # fmt: skip
 _MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"}
 _MATMUL_NODES = ("mmbackward", "addmmbackward", "bmmbackward", "matmul4bit", "gemm_4bit")
-_DROPOUT = {"aten::dropout", "aten::native_dropout", "aten::bernoulli_", "aten::feature_dropout"}
+# CpuDropout's forward is a labelled range; its backward is the only MaskedFillBackward0 (SDPA does the masking)
+_DROPOUT = {"aten::dropout", "aten::native_dropout", "aten::bernoulli_", "aten::feature_dropout",
+            CPU_DROPOUT_LABEL, "MaskedFillBackward0"}  # fmt: skip
 _LOSS = ("log_softmax", "logsoftmax", "nll_loss", "nllloss", "cross_entropy")
 
 
