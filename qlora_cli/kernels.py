@@ -7,8 +7,9 @@ bf16 whatever the compute dtype, and leaves a quant state that `dequantize_4bit`
 So every model is loaded with that switch set here: off for training, for scoring (MMLU) and for the
 reference a merge is checked against; on only for generation where the model computes in bf16 anyway, so the
 fused kernel does the arithmetic the model would have done. It is fast one token at a time and slow on a
-prompt's rows: on a 2-core Xeon with AMX, a 576 -> 1536 NF4 layer took 0.058 ms for one row (dequantize +
-matmul 0.27 ms) but 7.8 ms for 736 rows (dequantize + matmul 0.91 ms, 1,431 GFLOP/s): see docs/benchmarks.md.
+prompt's rows: on a 2-core Xeon with AMX, a 576 -> 1536 NF4 layer took 0.054 ms for one row (dequantize +
+matmul 0.35 ms) but 8.1 ms for 736 rows (dequantize + matmul 0.96 ms): scripts/bench_cpu_kernels.py,
+docs/benchmarks.md §10.
 """
 
 from __future__ import annotations

@@ -385,7 +385,7 @@ def _estimate(
         gradients *= 2
 
     tokens = recipe.training.batch_size * seq_len
-    act = Activations(arch, setup, recipe, modules, c=c, residual=4 if quantized else c, device=device, tokens=tokens)
+    act = Activations(arch, setup, recipe, modules, c=c, residual=4 if quantized else c, tokens=tokens)
     return Estimate(
         label=setup.label,
         base_weights=base,
@@ -431,7 +431,6 @@ class Activations:
     modules: tuple[str, ...]
     c: int  # compute dtype bytes
     residual: int  # residual stream: fp32 when prepare_model_for_kbit_training upcast the embeddings
-    device: str
     tokens: int
 
     def per_layer(self) -> int:

@@ -149,7 +149,7 @@ def test_layer_activations_are_what_autograd_saves(bits, lora_overrides):
 
     arch = architecture_for("builtin:tiny-llama")
     setup = Setup("x", recipe.quantization, recipe.lora.enabled)
-    predicted = Activations(arch, setup, recipe, lora_modules(recipe), c=4, residual=4, device="cpu", tokens=64)
+    predicted = Activations(arch, setup, recipe, lora_modules(recipe), c=4, residual=4, tokens=64)
     assert sum(saved.values()) == pytest.approx(predicted.per_layer(), rel=0.02)
 
 
@@ -250,7 +250,7 @@ def test_activation_peak_is_the_loss_or_a_layer_as_the_allocator_sees_it(tmp_pat
 
     setup = Setup("QLoRA", recipe.quantization, lora=True)
     activations = Activations(architecture_for(str(tmp_path)), setup, recipe, lora_modules(recipe), c=4, residual=4,
-                              device="cpu", tokens=ids.numel())  # fmt: skip
+                              tokens=ids.numel())  # fmt: skip
     assert held.peak == pytest.approx(activations.total(checkpointing=checkpointing), rel=0.1)
 
 
