@@ -172,8 +172,8 @@ def measure_training(
     return _train(recipe, lengths, meter, profile)
 
 
-def measure_plain(argv: list[str], profile: bool = False, for_memory: bool = False) -> dict[str, Any]:
-    """scripts/plain_qlora.py with `argv`, measured as `measure_training` measures `qlora train`.
+def measure_plain(argv: list[str], profile: bool = False) -> dict[str, Any]:
+    """scripts/plain_qlora.py with `argv`, measured for speed as `measure_training` measures `qlora train`.
 
     Its own one-step run on builtin:tiny-llama warms up first (see `measure_training`).
     """
@@ -183,8 +183,6 @@ def measure_plain(argv: list[str], profile: bool = False, for_memory: bool = Fal
 
     from qlora_cli.builtin import resolve_builtin_model
 
-    if for_memory and not torch.cuda.is_available():
-        _return_freed_memory()
     meter = MemoryMeter()
     with tempfile.TemporaryDirectory() as out:
         tiny = ["--model", resolve_builtin_model(TOKENIZER), "--max-steps", "1", "--output-dir", out]
