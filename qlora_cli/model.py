@@ -15,7 +15,7 @@ from qlora_cli.data.tokenize import PaddingCollator
 from qlora_cli.errors import QloraError, refusing_pickled_code
 from qlora_cli.gguf import dequantized_folder, split_gguf_path
 from qlora_cli.dropout import use_cpu_dropout
-from qlora_cli.kernels import bf16_matrix_units, choose_cpu_kernel
+from qlora_cli.kernels import bf16_matrix_units, choose_cpu_kernel, onednn_isa_cap
 from qlora_cli.model_kind import ModelKind, kind_of
 from qlora_cli.run_folder import ADAPTER_CONFIG_FILE, has_adapter
 
@@ -63,6 +63,9 @@ def choose_compute_dtype(name: str, device: str | None = None) -> ComputeDtype:
     units = bf16_matrix_units()
     if units:
         return ComputeDtype(torch.bfloat16, f"auto: this CPU has {units} bf16 matrix units, so bf16 is faster than fp32")
+    if (cap := onednn_isa_cap()) and (present := bf16_matrix_units(within_isa_cap=False)):
+        reason = f"auto: {cap[0]}={cap[1]} keeps matmuls off this CPU's {present} units, so fp32"
+        return ComputeDtype(torch.float32, reason)
     return ComputeDtype(torch.float32, "auto: this CPU has no bf16 matrix units, so bf16 would be ~60x slower")
 
 

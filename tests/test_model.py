@@ -19,6 +19,12 @@ from qlora_cli.model import (
 from tests.conftest import REPO
 
 
+@pytest.fixture
+def no_isa_cap(monkeypatch):
+    for variable in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(variable, raising=False)
+
+
 @pytest.mark.parametrize(
     ("amx", "avx512_bf16", "dtype", "reason"),
     [
@@ -27,7 +33,7 @@ from tests.conftest import REPO
         (True, True, torch.bfloat16, "AMX bf16 matrix units"),
     ],
 )
-def test_auto_compute_dtype_on_the_cpu_follows_its_bf16_units(monkeypatch, amx, avx512_bf16, dtype, reason):
+def test_auto_compute_dtype_on_the_cpu_follows_its_bf16_units(monkeypatch, no_isa_cap, amx, avx512_bf16, dtype, reason):
     from qlora_cli.model import choose_compute_dtype
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
@@ -38,7 +44,33 @@ def test_auto_compute_dtype_on_the_cpu_follows_its_bf16_units(monkeypatch, amx, 
     assert choose_compute_dtype("fp32", "cpu").reason == "quantization.compute_dtype=fp32"
 
 
-def test_this_cpus_bf16_units_are_what_its_flags_say():
+@pytest.mark.parametrize(
+    ("cap", "units", "dtype"),
+    [
+        ("AVX2", None, torch.float32),
+        ("avx512_core", None, torch.float32),
+        ("AVX512_CORE_BF16", "AVX512-BF16", torch.bfloat16),
+        ("AVX512_CORE_AMX", "AMX", torch.bfloat16),
+        ("ALL", "AMX", torch.bfloat16),
+    ],
+)
+def test_a_cap_on_onednns_instructions_hides_the_bf16_units_it_leaves_out(monkeypatch, cap, units, dtype):
+    """ONEDNN_MAX_CPU_ISA=AVX2 on a Xeon with AMX makes bf16 matmuls ~7x slower than fp32: auto must see no units."""
+    from qlora_cli.kernels import bf16_matrix_units
+    from qlora_cli.model import choose_compute_dtype
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert bf16_matrix_units() == units
+    assert bf16_matrix_units(within_isa_cap=False) == "AMX"
+    chosen = choose_compute_dtype("auto", "cpu")
+    assert chosen.dtype == dtype
+    if units is None:
+        assert chosen.reason == f"auto: ONEDNN_MAX_CPU_ISA={cap.upper()} keeps matmuls off this CPU's AMX units, so fp32"
+
+
+def test_this_cpus_bf16_units_are_what_its_flags_say(no_isa_cap):
     """torch's check agrees with the kernel's own flags (/proc/cpuinfo), on either kind of machine."""
     from pathlib import Path
 
