@@ -192,6 +192,25 @@ def test_predictions_do_not_depend_on_batch_size(tiny_llama):
         torch.testing.assert_close(other, runs[0], atol=1e-4, rtol=1e-4)
 
 
+def test_a_group_goes_in_even_batches_longest_first(tiny_llama):
+    """Ten questions at batch 8 go as 5 + 5, not 8 + 2: the short batch would pad its prompts to the long ones."""
+    prompts, groups = _prompts(10)
+    model = tiny_llama.model
+    lengths = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["attention_mask"].sum(1).tolist())
+        if kwargs.get("attention_mask") is not None else None,
+        with_kwargs=True,
+    )
+    try:
+        score_prompts(tiny_llama, prompts, batch_size=8, groups=groups)
+    finally:
+        hook.remove()
+    assert [len(batch) for batch in lengths] == [5, 5, 5, 5]
+    for first, second in zip(lengths[::2], lengths[1::2]):
+        assert min(first) >= max(second)
+
+
 def test_seq2seq_scores_the_first_decoder_token():
     from qlora_cli.model import load_for_inference
 

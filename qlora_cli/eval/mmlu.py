@@ -331,9 +331,14 @@ def _common_prefix_length(sequences: list[list[int]]) -> int:
 
 
 def _batches(rows: list[int], encoded: list[list[int]], batch_size: int, shared: int) -> list[tuple[int, list[int]]]:
-    """Longest first, so each batch holds prompts of similar length and little padding."""
+    """Longest first, in as few batches as `batch_size` allows, of even sizes: each holds prompts of similar length.
+
+    Even sizes pad less than full batches and a short last one: 40 questions at batch 32 go as 20 + 20.
+    """
     rows = sorted(rows, key=lambda i: -len(encoded[i]))
-    return [(shared, rows[start : start + batch_size]) for start in range(0, len(rows), batch_size)]
+    count = -(-len(rows) // batch_size)
+    bounds = [len(rows) * j // count for j in range(count + 1)] if rows else []
+    return [(shared, rows[start:end]) for start, end in zip(bounds, bounds[1:])]
 
 
 def cache_argument_name(forward_arguments: set[str]) -> str | None:
