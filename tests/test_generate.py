@@ -45,7 +45,7 @@ def test_greedy_output_is_the_same_for_batch_size_1_and_4(adapter_generator):
 
 def test_generate_on_merged_model_matches_base_plus_adapter(cli, tmp_path, monkeypatch, llama_adapter, merged_llama):
     """In fp32, as `auto` is on a CPU without bf16 units: in bf16 a tiny random model's near-ties fall either way."""
-    monkeypatch.setattr("qlora_cli.model.bf16_matrix_units", lambda: None)
+    monkeypatch.setattr("qlora_cli.model.bf16_matrix_units", lambda **_: None)
     adapter_generator = load_generator(None, llama_adapter)
     prompts_file = tmp_path / "prompts.jsonl"
     records = [{"id": i, "prompt": p} for i, p in enumerate(PROMPTS[:2])] + [{"text": PROMPTS[2]}]
