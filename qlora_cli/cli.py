@@ -139,7 +139,9 @@ def plan(
     ] = None,
     gpu_memory: Annotated[Optional[str], typer.Option(help="GPU size for a verdict, e.g. 24GB or 80GB.")] = None,
     num_processes: Annotated[int, typer.Option(help="GPUs the run spreads over (DDP; FSDP with training.fsdp).")] = 1,
-    device: Annotated[str, typer.Option(help="cuda, or cpu (fp32 compute).")] = "cuda",
+    device: Annotated[
+        str, typer.Option(help="cuda, or cpu (computing in what compute_dtype: auto picks for this CPU).")
+    ] = "cuda",
     json_output: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
     """Predict peak GPU memory of a recipe beside 16-bit LoRA and full finetuning; no weights needed."""
