@@ -29,6 +29,13 @@ PACKED = "packed-bf16"
 _KERNELS_HUB_LOGGER = "bitsandbytes.backends.cpu.ops"
 _KERNELS_HUB_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
 
+# Each kind of bf16 unit, torch's check for it, and words in the oneDNN ISA names that reach it
+# (AVX512_CORE_AMX, AVX10_1_512_AMX..., AVX512_CORE_BF16, AVX512_CORE_FP16, ALL); the best first.
+_BF16_UNITS = (
+    ("AMX", "_is_amx_tile_supported", ("AMX", "ALL")),
+    ("AVX512-BF16", "_is_avx512_bf16_supported", ("AMX", "BF16", "FP16", "AVX10", "ALL")),
+)
+
 
 def bf16_matrix_units(*, within_isa_cap: bool = True) -> str | None:
     """The CPU's native bf16 matrix units as torch's own CPU feature checks see them; None on AVX2-only CPUs.
@@ -42,9 +49,7 @@ def bf16_matrix_units(*, within_isa_cap: bool = True) -> str | None:
 
     cap = onednn_isa_cap() if within_isa_cap else None
     isa = cap[1] if cap else "ALL"
-    units = (("AMX", "_is_amx_tile_supported", ("AMX", "ALL")),
-             ("AVX512-BF16", "_is_avx512_bf16_supported", ("AMX", "BF16", "FP16", "AVX10", "ALL")))  # fmt: skip
-    for name, check, allowed_by in units:
+    for name, check, allowed_by in _BF16_UNITS:
         if any(word in isa for word in allowed_by) and getattr(torch.cpu, check, lambda: False)():
             return name
     return None

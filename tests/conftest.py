@@ -50,6 +50,22 @@ def avx512_bf16_defaults() -> Iterator[None]:
         yield
 
 
+@pytest.fixture
+def no_isa_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No cap on oneDNN's instructions from the caller's environment (docs/cpu-kinds.md runs the suite under one)."""
+    for variable in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(variable, raising=False)
+
+
+@pytest.fixture
+def amx_cpu(monkeypatch: pytest.MonkeyPatch, no_isa_cap: None) -> None:
+    """torch's feature checks report AMX and AVX512-BF16, whatever this CPU has."""
+    import torch
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None):
     """Run the real `qlora` command in a subprocess (python -m qlora_cli), as a user would."""
     return _run_python("-m", "qlora_cli", *args, cwd=cwd, timeout=timeout, env=env)

@@ -3,22 +3,11 @@
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from bench_train import targets  # noqa: E402
 
 RESULTS = {"default": {"tokens_per_s": 130.0, "utilisation": 0.56}, "plain": {"tokens_per_s": 100.0}}
-
-
-@pytest.fixture
-def amx_cpu(monkeypatch):
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
-    for variable in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
-        monkeypatch.delenv(variable, raising=False)
 
 
 def test_a_cpu_with_bf16_units_must_reach_1_5x_the_plain_script(amx_cpu):
