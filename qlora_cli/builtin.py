@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 BUILTIN = "builtin:"
-_VERSION = "v2"  # bump when an asset changes so stale caches are rebuilt
+_VERSION = "v3"  # bump when an asset changes so stale caches are rebuilt
 
 WORDS = [
     "apple", "river", "stone", "cloud", "tiger", "green", "music", "paper", "light", "house",
@@ -120,8 +120,11 @@ def _write_demo_dataset(folder: Path) -> None:
 
 
 def _train_tokenizer(folder: Path, special: list[str], **roles: str) -> None:
-    """A byte-level BPE trained on the demo prompts: any text encodes, demo words are single tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A byte-level BPE trained on the demo prompts: any text encodes, demo words are single tokens.
+
+    With a `bos_token` it starts every encoding with it, as LLaMA's tokenizer does.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     from qlora_cli.data.formats import FORMATS
@@ -136,6 +139,10 @@ def _train_tokenizer(folder: Path, special: list[str], **roles: str) -> None:
         show_progress=False,  # its bars would go to stdout, which `qlora data preview --json` owns
     )
     tokenizer.train_from_iterator(texts * 4, trainer)
+    if bos := roles.get("bos_token"):
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.token_to_id(bos))]
+        )
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=512, **roles).save_pretrained(folder)
 
 

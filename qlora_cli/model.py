@@ -116,9 +116,10 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
     def prompt_ids(self, prompts: list[str]) -> list[list[int]]:
-        """Prompts encoded exactly as training encoded sources (BOS first, or EOS last for seq2seq)."""
+        """Prompts encoded exactly as training encoded sources (BOS first where the tokenizer adds one, or EOS last
+        for seq2seq)."""
         rows = self.tokenizer(prompts, add_special_tokens=False, verbose=False)["input_ids"]
-        return [self.kind.source_ids(self.tokenizer, row) for row in rows]
+        return self.kind.source_ids(self.tokenizer, rows)
 
     def batch(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
         """Token rows padded on the side the model generates from, on the model's device."""

@@ -22,8 +22,10 @@ class CausalLM:
     shares_prompt_prefixes = True  # a cache of shared leading tokens can be reused (MMLU's shots)
     can_train_on_source = True  # data.train_on_source
 
-    def source_ids(self, tokenizer: Any, tokens: list[int]) -> list[int]:
-        return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + tokens
+    def source_ids(self, tokenizer: Any, rows: list[list[int]]) -> list[list[int]]:
+        """BOS first exactly where the tokenizer itself would put it (`bos_prefix`)."""
+        bos = bos_prefix(tokenizer)
+        return [bos + tokens for tokens in rows]
 
     def training_example(self, source: list[int], target: list[int], *, train_on_source: bool) -> dict[str, Any]:
         masked = source if train_on_source else [IGNORE_INDEX] * len(source)
@@ -55,8 +57,9 @@ class Seq2SeqLM:
     shares_prompt_prefixes = False
     can_train_on_source = False  # the decoder never predicts the source
 
-    def source_ids(self, tokenizer: Any, tokens: list[int]) -> list[int]:
-        return tokens + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    def source_ids(self, tokenizer: Any, rows: list[list[int]]) -> list[list[int]]:
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        return [tokens + eos for tokens in rows]
 
     def training_example(self, source: list[int], target: list[int], *, train_on_source: bool) -> dict[str, Any]:
         return {"input_ids": source, "labels": target, "length": len(source) + len(target)}
@@ -84,6 +87,19 @@ class Seq2SeqLM:
 
 ModelKind = Union[CausalLM, Seq2SeqLM]
 IGNORE_INDEX = -100  # labels the loss skips
+
+
+def bos_prefix(tokenizer: Any) -> list[int]:
+    """`[bos_token_id]` where the tokenizer starts every encoding with its BOS (LLaMA), else `[]`.
+
+    A model learned its texts as its tokenizer encodes them: SmolLM2, Qwen and GPT-2 style tokenizers add no
+    BOS (SmolLM2's `bos_token` is `<|im_start|>`), and a BOS in front of an MMLU prompt is then a text the model
+    never saw, which moves its answers away from lm-evaluation-harness's.
+    """
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    return [bos] if tokenizer(["x"])["input_ids"][0][:1] == [bos] else []
 
 
 def kind_of(model_config: Any) -> ModelKind:

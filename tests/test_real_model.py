@@ -282,3 +282,26 @@ def test_mmlu_from_the_hendrycks_csvs_scores_as_from_the_paper_codes_prompt_file
     correct = sum(p["prediction"] == p["answer"] for p in paper_scored)
     print(f"{len(ours)} questions, same predictions ({correct} correct); letter logits within {difference:.1e}")
     assert difference < 1e-3
+
+
+@pytest.mark.skipif(not (MMLU / "hendrycks").is_dir(), reason="../shared/data/mmlu is absent")
+def test_mmlu_scores_smollm2_on_the_text_as_its_tokenizer_encodes_it(plain_smollm2: Any):
+    """No BOS in front: SmolLM2's tokenizer adds none, and lm-evaluation-harness feeds the context as it encodes.
+
+    With `<|im_start|>` (its `bos_token`) in front, lm-eval 0.4.13 and our scorer agreed on 95.5% of 1,428
+    five-shot questions instead of all of them.
+    """
+    from qlora_cli.config import MmluEvalConfig
+    from qlora_cli.eval.mmlu import letter_token_ids, load_items, score_prompts
+
+    cfg = MmluEvalConfig(data=str(MMLU / "hendrycks"), split="test", shots=5, subjects=["marketing"], limit=3)
+    prompts = [item.prompt for item in load_items(cfg, plain_smollm2.tokenizer)]
+    tokenizer, model = plain_smollm2.tokenizer, plain_smollm2.model
+    contexts = [tokenizer(prompt)["input_ids"] for prompt in prompts]
+    assert all(ids[0] != tokenizer.bos_token_id for ids in contexts)
+    with torch.no_grad():
+        by_hand = torch.stack([model(input_ids=torch.tensor([ids])).logits[0, -1] for ids in contexts])
+    scored = score_prompts(plain_smollm2, prompts, batch_size=2, groups=["marketing"] * len(prompts))
+    difference = (scored - by_hand[:, letter_token_ids(tokenizer)]).abs().max().item()
+    print(f"letter logits within {difference:.1e} of the model on the tokenizer's own encoding")
+    assert difference < 1e-3

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 from qlora_cli.config import DataConfig
+from qlora_cli.data.formats import FORMATS
 from qlora_cli.data.tokenize import IGNORE_INDEX, PaddingCollator, tokenize_example
 from qlora_cli.model_kind import CausalLM, Seq2SeqLM
 from tests.data_fixtures import tokenizer  # noqa: F401  (fixture)
@@ -69,3 +74,58 @@ def test_collator_keeps_logits_only_where_some_row_predicts_a_label():
     assert batch["logits_to_keep"].tolist() == [0, 1, 2, 3]  # position 4 predicts nothing in any row
     assert batch["shift_labels"].tolist() == [[-100, -100, 8, 9], [6, 7, -100, -100]]
     assert batch["labels"].tolist() == [[-100, -100, -100, 8, 9], [-100, 6, 7, -100, -100]]
+
+
+# --------------------------------------------------------------------------- BOS: as the model's own tokenizer
+
+
+def _real_tokenizer(shared_data: Path, name: str):
+    """LLaMA (adds `<s>`), a BLOOM tokenizer (has `<s>`, adds none) and SmolLM2 (`bos_token` `<|im_start|>`, adds none)."""
+    from transformers import AutoTokenizer
+
+    from qlora_cli.config import ModelConfig
+    from qlora_cli.model import load_tokenizer
+
+    if name == "smollm2":
+        gguf = shared_data / "models" / "smollm2-135m-instruct-gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        return load_tokenizer(ModelConfig(name_or_path=str(gguf)))
+    folder = {"llama": "tokenizers/llama2_hf", "bloom": "models/basaran-tiny-random-bloom"}[name]
+    return AutoTokenizer.from_pretrained(shared_data / folder)
+
+
+@pytest.mark.parametrize(("name", "adds_bos"), [("llama", True), ("bloom", False), ("smollm2", False)])
+def test_a_source_is_encoded_as_the_models_own_tokenizer_encodes_it(shared_data, name, adds_bos):
+    """A BOS goes first exactly where the tokenizer itself puts one: LLaMA, as the paper; SmolLM2 never saw one."""
+    tok = _real_tokenizer(shared_data, name)
+    source = "The following are multiple choice questions (with answers) about anatomy.\n\n"
+    row = tokenize_example(tok, source, "A", DataConfig(), kind=CausalLM())
+    assert row["input_ids"][: row["source_tokens"]] == tok(source)["input_ids"]
+    assert (row["input_ids"][0] == tok.bos_token_id) is adds_bos
+
+
+LLAMA2_CHAT = (  # Llama 2's layout: the template writes the BOS itself
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+    "{% else %} {{ m['content'] }} {{ eos_token }}{% endif %}{% endfor %}"
+)
+CONVERSATION = [
+    {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}
+]  # fmt: skip
+
+
+def test_a_chat_template_that_writes_the_bos_gets_no_second_one(shared_data):
+    """Llama 2's template writes `<s>`, which its tokenizer adds again: the text keeps it once, as a token."""
+    tok = _real_tokenizer(shared_data, "llama")
+    tok.chat_template = LLAMA2_CHAT
+    text = FORMATS["messages"].for_tokenizer(tok).conversation(CONVERSATION)
+    assert text.startswith("[INST] Hi [/INST]") and "<s>" not in text
+    ours = CausalLM().source_ids(tok, [tok(text, add_special_tokens=False)["input_ids"]])[0]
+    assert ours == tok(text)["input_ids"] and ours.count(tok.bos_token_id) == 1
+
+
+def test_a_chatml_prompt_keeps_the_im_start_that_is_smollm2s_bos_token(shared_data):
+    """SmolLM2's `bos_token` is `<|im_start|>`, the opening of every ChatML turn: none is cut, none added."""
+    tok = _real_tokenizer(shared_data, "smollm2")
+    text = FORMATS["messages"].for_tokenizer(tok).conversation(CONVERSATION)
+    assert text.startswith("<|im_start|>system\n")
+    ours = CausalLM().source_ids(tok, [tok(text, add_special_tokens=False)["input_ids"]])[0]
+    assert ours == tok.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=True)["input_ids"]

@@ -237,7 +237,7 @@ class ChatRenderer:
     """Renders `messages` with the tokenizer's chat template; one example per assistant turn.
 
     The source is the conversation up to that turn (plus the generation prompt), the target is what the
-    template adds for the reply; BOS and EOS are left to tokenization, which adds them.
+    template adds for the reply; a BOS the tokenizer adds and the EOS are left to tokenization, which adds them.
     """
 
     tokenizer: Any
@@ -281,8 +281,12 @@ class ChatRenderer:
         return {"role": role, "content": field(message, "content")}
 
     def _strip_bos(self, text: str) -> str:
+        """A template's own BOS, where tokenization adds it again; kept where the tokenizer adds none (SmolLM2's
+        `bos_token` is `<|im_start|>`, the opening of every ChatML turn)."""
+        from qlora_cli.model_kind import bos_prefix  # torch: not at import, `qlora data formats` needs none
+
         bos = self.tokenizer.bos_token
-        return text.removeprefix(bos) if bos else text
+        return text.removeprefix(bos) if bos and bos_prefix(self.tokenizer) else text
 
     def _strip_eos(self, text: str) -> str:
         """Also the whitespace after it (ChatML's newline): nothing after EOS is ever generated."""

@@ -1,4 +1,5 @@
-"""Tokenization shared by every dataset: BOS + source, target + EOS, loss on the target only."""
+"""Tokenization shared by every dataset: source (BOS first where the tokenizer adds one), target + EOS, loss on the
+target only."""
 
 from __future__ import annotations
 
@@ -15,20 +16,18 @@ __all__ = ["IGNORE_INDEX", "PaddingCollator", "tokenize_batch", "tokenize_exampl
 
 def tokenize_example(tokenizer: Any, source: str, target: str, cfg: DataConfig, *, kind: ModelKind) -> dict[str, Any]:
     """Source and target are truncated separately, so a long source never eats the target."""
-    src = tokenizer(source, add_special_tokens=False)["input_ids"]
-    tgt = tokenizer(target, add_special_tokens=False)["input_ids"]
-    return _assemble(tokenizer, src, tgt, cfg, kind)
+    batch = tokenize_batch(tokenizer, {"source": [source], "target": [target]}, cfg, kind=kind)
+    return {key: values[0] for key, values in batch.items()}
 
 
 def tokenize_batch(tokenizer: Any, batch: dict[str, list], cfg: DataConfig, *, kind: ModelKind) -> dict[str, list]:
-    sources = tokenizer(batch["source"], add_special_tokens=False)["input_ids"]
+    sources = kind.source_ids(tokenizer, tokenizer(batch["source"], add_special_tokens=False)["input_ids"])
     targets = tokenizer(batch["target"], add_special_tokens=False)["input_ids"]
     rows = [_assemble(tokenizer, s, t, cfg, kind) for s, t in zip(sources, targets)]
     return {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
 
 
 def _assemble(tokenizer: Any, src: list[int], tgt: list[int], cfg: DataConfig, kind: ModelKind) -> dict[str, Any]:
-    src = kind.source_ids(tokenizer, src)
     tgt = tgt + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
     truncated = len(src) > cfg.source_max_len or len(tgt) > cfg.target_max_len
     src, tgt = src[: cfg.source_max_len], tgt[: cfg.target_max_len]
