@@ -33,10 +33,16 @@ def fsdp_config(training: TrainingConfig) -> dict[str, Any]:
 
 
 def join_processes() -> Any:
-    """The launcher's process group (gloo on the CPU), joined before the Trainer so rank 0 alone prepares output_dir."""
+    """The launcher's process group (gloo on the CPU), joined before the Trainer so rank 0 alone prepares output_dir.
+
+    Replicas are quieted before joining, because joining warns: on the CPU accelerate sets the thread count in
+    every process that a launcher started without OMP_NUM_THREADS (torchrun with one process per node).
+    """
     import torch
     from accelerate import PartialState
 
+    if not is_main_process():
+        quiet_replica()
     return PartialState(cpu=not torch.cuda.is_available())
 
 
@@ -56,6 +62,7 @@ def announce_processes(training: TrainingConfig, processes: int) -> None:
 
 
 def is_main_process() -> bool:
+    """Global rank 0. Not LOCAL_RANK: on a second node the first process has LOCAL_RANK 0 and is a replica."""
     return os.environ.get("RANK", "0") == "0"
 
 

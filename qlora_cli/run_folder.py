@@ -298,10 +298,17 @@ _EXACT_RESUME = {
 }  # fmt: skip
 
 
-def resume_problems(checkpoint: Path) -> list[str]:
-    """What keeps a resume from being exact: parts missing, or files truncated or corrupt."""
-    problems = [f"no {part}" for part, patterns in _EXACT_RESUME.items()
-                if not any(any(checkpoint.glob(p)) for p in patterns)]  # fmt: skip
+def resume_problems(checkpoint: Path, *, rank: int | None = None) -> list[str]:
+    """What keeps a resume from being exact: parts missing, or files truncated or corrupt.
+
+    `rank`: one of several processes, which reads its own RNG state; the Trainer only logs its absence (a node
+    without a shared filesystem whose copy of the checkpoint lacks it resumed silently inexactly).
+    """
+    parts = dict(_EXACT_RESUME)
+    if rank is not None:
+        del parts["RNG state"]
+        parts[f"RNG state of process {rank} (rng_state_{rank}.pth)"] = (f"rng_state_{rank}.pth",)
+    problems = [f"no {part}" for part, patterns in parts.items() if not any(any(checkpoint.glob(p)) for p in patterns)]
     for file in sorted(checkpoint.iterdir()) if checkpoint.is_dir() else []:
         if file.suffix in (".pt", ".pth") and not zipfile.is_zipfile(file):  # torch.save writes a zip archive
             problems.append(f"{file.name} is truncated or corrupt")

@@ -15,7 +15,7 @@ from transformers import set_seed
 from qlora_cli.builtin import resolve_builtin_model
 from qlora_cli.config import Recipe, training_drift
 from qlora_cli.data import PreparedData, prepare_data
-from qlora_cli.distributed import announce_processes, join_processes, quiet_replica
+from qlora_cli.distributed import announce_processes, join_processes
 from qlora_cli.errors import QloraError, refusing_pickled_code
 from qlora_cli.guards import check_adapter, fingerprint
 from qlora_cli.memory import MemoryMeter
@@ -58,7 +58,6 @@ def train(
         raise QloraError("--overwrite and --resume contradict each other: pick one")
     processes = join_processes()
     if not processes.is_main_process:
-        quiet_replica()
         return _train(recipe, run, processes, resume=resume, resume_from=resume_from, force=force)
     with run.lock():
         replacing = prepare_output_dir(run, overwrite=overwrite, resume=resume)
@@ -85,7 +84,7 @@ def _train(
     checkpoint = resume_checkpoint(resume_from or run.path) if resume else None
     if checkpoint is not None:
         check_recipe_drift(checkpoint, recipe, force=force)
-        check_exact_resume(checkpoint, force=force)
+        check_exact_resume(checkpoint, force=force, rank=processes.process_index if processes.num_processes > 1 else None)
     # Built before seeding (so LoRA's init never depends on whether the cache was cold) and by rank 0 first
     # (under a process group only rank 0 writes a model's weights).
     with processes.main_process_first():
@@ -175,9 +174,9 @@ def prepare_output_dir(run: RunFolder, *, overwrite: bool, resume: bool) -> bool
     return replacing
 
 
-def check_exact_resume(checkpoint: Path, *, force: bool) -> None:
+def check_exact_resume(checkpoint: Path, *, force: bool, rank: int | None = None) -> None:
     """The Trainer resumes from whatever a checkpoint holds and says nothing about what it lacks."""
-    problems = resume_problems(checkpoint)
+    problems = resume_problems(checkpoint, rank=rank)
     if not problems:
         return
     listed = "; ".join(problems)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from qlora_cli.config import Recipe
@@ -43,7 +43,10 @@ class QloraTrainer(Trainer):
         self.run = RunFolder(Path(recipe.output_dir))
         self.stop = GracefulStop()
         self.nan_guard = NonFiniteLossGuard(recipe.training.max_bad_steps)
-        self.remove_callback(ProgressCallback)
+        # TrainingProgress replaces the Trainer's own bar, and the log dicts it prints instead where its log level
+        # is above warning: in a quiet replica, which PrinterCallback prints from if it is its node's first process.
+        for trainer_printer in (ProgressCallback, PrinterCallback):
+            self.remove_callback(trainer_printer)
         for callback in (self.stop, self.nan_guard, TrainingProgress()):
             self.add_callback(callback)
         self._recipe_yaml = recipe.to_yaml()
@@ -264,6 +267,7 @@ def training_arguments(recipe: Recipe, compute_dtype: torch.dtype, *, has_eval: 
         fsdp=t.fsdp,
         fsdp_config=fsdp_config(t) if t.fsdp else None,
         log_level_replica="error",
+        log_on_each_node=False,  # the first process of a second node is a replica too
     )
 
 

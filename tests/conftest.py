@@ -76,6 +76,11 @@ def run_script(name: str, *args: str, timeout: float = 600):
     return _run_python(str(REPO / "scripts" / name), *args, timeout=timeout)
 
 
+def python_env(env: dict | None = None) -> dict[str, str]:
+    """The environment a subprocess runs this checkout's Python code in."""
+    return {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+
+
 def _run_python(*argv: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None):
     import subprocess
     import sys
@@ -83,7 +88,7 @@ def _run_python(*argv: str, cwd: Path | None = None, timeout: float = 600, env: 
     return subprocess.run(
         [sys.executable, *argv],
         cwd=cwd or REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+        env=python_env(env),
         capture_output=True,
         text=True,
         timeout=timeout,

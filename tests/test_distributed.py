@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +22,7 @@ from qlora_cli.config import QuantizationConfig, TrainingConfig, load_recipe
 from qlora_cli.distributed import fsdp_config, launch_command
 from qlora_cli.preflight import check_launch, deepspeed_zero_stage, preflight
 from qlora_cli.errors import QloraError
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, python_env, run_cli
 
 DEMO = REPO / "configs" / "demo.yaml"
 
@@ -98,6 +102,74 @@ def test_two_process_ddp_adapter_matches_one_process_with_the_same_global_batch(
 def _logged_steps(run: Path) -> list[tuple[float, float]]:
     history = json.loads((run / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
     return [(e["loss"], e["grad_norm"]) for e in history if "loss" in e]
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[subprocess.CompletedProcess], Path]:
+    """Two machines of one process each, as torchrun starts them, rendezvousing on the loopback.
+
+    Node 1's process is global rank 1 but LOCAL_RANK 0: the Trainer's main process of its node.
+    """
+    root = tmp_path_factory.mktemp("nodes")
+    out = root / "run"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = python_env()
+    env.pop("OMP_NUM_THREADS", None)  # so accelerate warns while joining, as on a real node; only rank 0 may show it
+    commands = [
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+         "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+         "-m", "qlora_cli", "train", *TINY_RUN, f"output_dir={out}", "training.batch_size=2"]
+        for rank in range(2)
+    ]  # fmt: skip
+    logs = [(root / f"node{rank}.out", root / f"node{rank}.err") for rank in range(2)]
+    nodes: list[subprocess.Popen] = []
+    try:
+        for command, (stdout, stderr) in zip(commands, logs):
+            with stdout.open("w") as out_file, stderr.open("w") as err_file:
+                nodes.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=out_file, stderr=err_file))
+        deadline = time.monotonic() + 300
+        codes = [node.wait(timeout=max(deadline - time.monotonic(), 1)) for node in nodes]
+    finally:
+        for node in nodes:
+            node.terminate()  # torchrun stops its worker (which runs in a session of its own), SIGKILL after 30 s
+        for node in nodes:
+            try:
+                node.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                node.kill()
+                node.wait()
+    return [
+        subprocess.CompletedProcess(command, code, stdout.read_text(), stderr.read_text())
+        for command, code, (stdout, stderr) in zip(commands, codes, logs)
+    ], out
+
+
+def test_two_nodes_train_one_run_folder_like_one_process_with_the_same_global_batch(
+    two_nodes: tuple, ddp_and_single: dict
+) -> None:
+    (node0, node1), out = two_nodes
+    assert node0.returncode == node1.returncode == 0, node0.stderr[-3000:] + node1.stderr[-3000:]
+    assert node0.stdout.count("Adapter saved to") == 1 and "Adapter saved to" not in node1.stdout
+    assert (out / "completed").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["steps"] == 2
+    assert sorted(p.name for p in (out / "checkpoint-2").glob("rng_state*")) == ["rng_state_0.pth", "rng_state_1.pth"]
+    single, single_dir = ddp_and_single["single"]
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert metrics["tokens"] == json.loads((single_dir / "metrics.json").read_text())["tokens"]
+    for (node_loss, node_norm), (loss, norm) in zip(_logged_steps(out), _logged_steps(single_dir), strict=True):
+        assert node_loss == pytest.approx(loss, rel=STEP_RTOL) and node_norm == pytest.approx(norm, rel=STEP_RTOL)
+
+
+def test_the_second_node_is_as_quiet_as_a_replica_on_one_machine(two_nodes: tuple) -> None:
+    """Rank 1 of `torchrun --nproc_per_node 2` prints nothing; node 1 printed the Trainer's log dicts and
+    accelerate's OMP_NUM_THREADS warning, because it is the first process of its node."""
+    (node0, node1), _ = two_nodes
+    assert node0.returncode == node1.returncode == 0, node1.stderr[-3000:]
+    assert "Training: 100%" in node0.stderr
+    assert node1.stdout == "" and node1.stderr == ""
 
 
 def test_launch_command_relaunches_this_train_through_accelerate() -> None:
