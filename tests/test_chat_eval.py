@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import random
+import re
 import threading
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -12,7 +16,7 @@ import pytest
 from qlora_cli.errors import QloraError
 from qlora_cli.eval.chat.benchmarks import PAPER_SYSTEM, Question
 from qlora_cli.eval.chat.judge import JudgeRequest, judge
-from qlora_cli.eval.chat.reviews import parse_pairwise, parse_relative, read_review_dir
+from qlora_cli.eval.chat.reviews import parse_pairwise, parse_relative, read_review_dir, read_review_file
 from qlora_cli.eval.chat.scores import elo_ratings, relative_scores
 from tests.trained import llama_adapter, second_llama_adapter  # noqa: F401 (fixtures)
 
@@ -135,6 +139,155 @@ def test_elo_of_the_released_vicuna_pairwise_reviews():
     assert list(got) == list(expected)  # the same order
     for system, value in expected.items():
         assert abs(got[system] - value) <= 4, (system, got[system])
+
+
+# --------------------------------------------------------------------------- the paper's OpenAssistant files
+
+# Named as in the paper's eval/generations/oa and eval/ratings-gpt4/oa; its OA files key by message_id.
+OA_SYSTEMS = ["7b-guanaco-oa-generations-topp0.9-temp0.7", "65b-guanaco-oa-generations-topp0.9-temp0.7",
+              "gpt-3.5-oa-generations"]  # fmt: skip
+_SHORTUUID = "23456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"  # the alphabet of its review and answer ids
+ACCEPTED = "question_id (FastChat/Vicuna files) or message_id (the paper's OpenAssistant files)"
+
+
+def _short_id(rng: random.Random) -> str:
+    return "".join(rng.choice(_SHORTUUID) for _ in range(22))
+
+
+def _message_id(rng: random.Random) -> str:
+    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+
+def _oa_review(rng: random.Random, message_id: str, answer1_id: str, answer2_id: str, text: str, score) -> dict:
+    """One record as in the paper's eval/ratings-gpt4/oa files."""
+    return {"review_id": _short_id(rng), "message_id": message_id, "answer1_id": answer1_id, "answer2_id": answer2_id,
+            "reviewer_id": 1, "metadata": {}, "text": text, "score": score}  # fmt: skip
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def _oa_questions(rng: random.Random, count: int) -> list[dict]:
+    """The shape of the paper's eval/prompts/oa_questions.jsonl: question_id and message_id, the same UUID."""
+    questions = []
+    for i in range(count):
+        message_id, text = _message_id(rng), f"### Human: Tell me fact number {i}. ### Assistant:"
+        questions.append({"input": text, "output": "An OASST1 reply.", "message_id": message_id,
+                          "parent_id": _message_id(rng), "rank": 0, "lang": "en", "prompt": f"{PAPER_SYSTEM} {text}",
+                          "question_id": message_id, "category": "generic", "text": text})  # fmt: skip
+    return questions
+
+
+def _oa_answers(path: Path, questions: list[dict], says: str) -> Path:
+    """The shape of the paper's eval/generations/oa files: keyed by message_id, no question_id, no model_id."""
+    rng = random.Random(says)
+    return _write_jsonl(path, [
+        {"input": q["text"], "output": q["output"], "message_id": q["message_id"], "parent_id": q["parent_id"],
+         "rank": 0, "lang": "en", "prompt": q["prompt"], "generation": f"{says} answers {q['message_id']}",
+         "answer_id": _short_id(rng)}
+        for q in questions
+    ])  # fmt: skip
+
+
+def test_elo_of_review_files_in_the_papers_openassistant_shape(cli, tmp_path):
+    rng = random.Random(0)
+    messages = [_message_id(rng) for _ in range(8)]
+    answer_ids = {(system, m): _short_id(rng) for system in OA_SYSTEMS for m in messages}
+    expected = {system: [0, 0, 0] for system in OA_SYSTEMS}  # wins, ties, losses
+    for number, (first, second) in enumerate(itertools.permutations(OA_SYSTEMS, 2)):
+        verdicts = [rng.choice([1, 2, 3]) for _ in messages]
+        if number == 0:
+            verdicts[-1] = -1  # a reply the paper's parser could not read: left out
+        rows = [_oa_review(rng, m, answer_ids[first, m], answer_ids[second, m],
+                           f"Both answered.\n\n{'Neither is best.' if v == -1 else v}", v)
+                for m, v in zip(messages, verdicts)]  # fmt: skip
+        _write_jsonl(tmp_path / "oa" / f"{first}-vs-{second}-gpt-4-reviewer-threeclass.jsonl", rows)
+        for v in verdicts:
+            winner, loser = {1: (first, second), 2: (second, first)}.get(v, (None, None))
+            if winner:
+                expected[winner][0] += 1
+                expected[loser][2] += 1
+            elif v == 3:
+                expected[first][1] += 1
+                expected[second][1] += 1
+    code, out, err = cli("eval", "chat", "elo", str(tmp_path / "oa"), "--orderings", "200")
+    assert code == 0, err
+    table, footer = out.split("\n\n", 1)
+    rows = {parts[0]: parts[-1] for parts in map(str.split, table.splitlines()[1:])}  # system: W/T/L
+    assert rows == {system: "/".join(map(str, counts)) for system, counts in expected.items()}
+    assert "200 random orderings" in footer and "1 unparsed reviews left out" in footer
+
+
+def test_relative_scores_of_message_id_keyed_reviews(cli, tmp_path):
+    rng = random.Random(1)
+    messages = [_message_id(rng) for _ in range(6)]
+    reference = OA_SYSTEMS[2]
+    reference_ids = {m: _short_id(rng) for m in messages}
+    expected = {}
+    for system in OA_SYSTEMS[:2]:
+        ids = {m: _short_id(rng) for m in messages}
+        sums = {}  # reference shown first -> (the system's total, the reference's total)
+        for reference_first in (True, False):
+            first, second = (reference, system) if reference_first else (system, reference)
+            ours = [float(rng.randint(1, 10)) for _ in messages]
+            theirs = [float(rng.randint(1, 10)) for _ in messages]
+            rows = []
+            for m, o, t in zip(messages, ours, theirs):
+                score = [t, o] if reference_first else [o, t]
+                one, two = (reference_ids[m], ids[m]) if reference_first else (ids[m], reference_ids[m])
+                rows.append(_oa_review(rng, m, one, two, f"{score[0]} {score[1]}\nBoth are fine.", score))
+            _write_jsonl(tmp_path / "oa" / f"{first}-vs-{second}-gpt4-reviewer.jsonl", rows)
+            sums[reference_first] = (sum(ours), sum(theirs))
+        pooled = [sum(pair) for pair in zip(*sums.values())]
+        expected[system] = [f"{100 * o / t:.1f}" for o, t in (sums[True], sums[False], pooled)] + [str(2 * len(messages))]
+    code, out, err = cli("eval", "chat", "scores", str(tmp_path / "oa"), "--resamples", "200")
+    assert code == 0, err
+    table, footer = out.split("\n\n", 1)
+    rows = {parts[0]: parts[1:4] + parts[-1:] for parts in map(str.split, table.splitlines()[1:])}
+    assert rows == expected
+    assert f"Percent of {reference}'s score" in footer
+
+
+def test_a_review_answer_or_question_record_without_an_id_names_its_file_and_line(cli, tmp_path):
+    rng = random.Random(2)
+    good = _oa_review(rng, _message_id(rng), _short_id(rng), _short_id(rng), "Fine.\n\n1", 1)
+    bad = {key: value for key, value in good.items() if key != "message_id"}
+    reviews = _write_jsonl(tmp_path / "oa" / "a-vs-b-gpt-4-reviewer-threeclass.jsonl", [good, bad])
+    code, _, err = cli("eval", "chat", "elo", str(tmp_path / "oa"))
+    assert code == 2
+    assert err.strip() == f"error: {reviews}:2: no question id in this review file record: expected {ACCEPTED}"
+    [question] = _oa_questions(rng, 1)
+    answers = _oa_answers(tmp_path / "answers.jsonl", [question, {**question, "message_id": None}], "x")
+    questions = _write_jsonl(tmp_path / "questions.jsonl", [question, {"text": "Why?", "category": "generic"}])
+    from qlora_cli.eval.chat.answer import read_answers
+    from qlora_cli.eval.chat.benchmarks import read_questions
+
+    for read, path, what in ((read_answers, answers, "answers file"), (read_questions, questions, "questions file")):
+        with pytest.raises(QloraError, match=re.escape(f"{path}:2: no question id in this {what} record: expected")):
+            read(path)
+
+
+def test_files_mixing_question_id_and_message_id_are_refused_naming_both(cli, tmp_path):
+    rng = random.Random(3)
+    oa = _oa_review(rng, _message_id(rng), _short_id(rng), _short_id(rng), "Fine.\n\n1", 1)
+    vicuna = {"question_id": 1, **{key: value for key, value in oa.items() if key != "message_id"}}
+    paper = _write_jsonl(tmp_path / "mixed" / "a-vs-b-gpt-4-reviewer-threeclass.jsonl", [oa])
+    ours = _write_jsonl(tmp_path / "mixed" / "b-vs-a-gpt-4-reviewer-threeclass.jsonl", [vicuna])
+    code, _, err = cli("eval", "chat", "elo", str(tmp_path / "mixed"))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"{paper} is keyed by message_id and {ours} by question_id: files read together use one key" in err
+    both = _write_jsonl(tmp_path / "one-file" / "a-vs-b.jsonl", [oa, vicuna])
+    with pytest.raises(QloraError, match=re.escape(f"{both}:2: keyed by question_id, but line 1 by message_id")):
+        read_review_file(both)
+    vicuna_answers = _answers(tmp_path / "alpha.jsonl", "alpha")
+    oa_answers = _oa_answers(tmp_path / "gpt-3.5-oa-generations.jsonl", _oa_questions(rng, 2), "chatgpt")
+    code, _, err = cli("eval", "chat", "judge", "--answers", str(vicuna_answers), "--answers", str(oa_answers),
+                       "--judge-endpoint", "http://127.0.0.1:9/v1", "--judge-model", "j", "-o", str(tmp_path / "r"))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"{vicuna_answers} is keyed by question_id and {oa_answers} by message_id" in err
 
 
 # --------------------------------------------------------------------------- judging against a fake endpoint
@@ -320,3 +473,67 @@ def test_answers_from_an_endpoint_continue_where_a_run_stopped(tmp_path, fake_ju
     assert lines[:2] == first and len(lines) == len(QUESTIONS) and len(FakeJudge.calls) == len(QUESTIONS)
     record = json.loads(lines[-1])
     assert record["model_id"] == "served-model" and record["question"] == QUESTIONS[-1]["text"]
+
+
+def test_judging_the_papers_openassistant_answers_keeps_message_id_and_its_cache(tmp_path, fake_judge, capsys):
+    questions = _oa_questions(random.Random(4), 3)
+    benchmark = _write_jsonl(tmp_path / "oa_questions.jsonl", questions)
+    pair = (_oa_answers(tmp_path / f"{OA_SYSTEMS[0]}.jsonl", questions, "guanaco"),
+            _oa_answers(tmp_path / f"{OA_SYSTEMS[2]}.jsonl", questions, "chatgpt"))  # fmt: skip
+    request = JudgeRequest(pair, "pairwise", fake_judge, "gpt-4", tmp_path / "reviews", benchmark=str(benchmark))
+    files = judge(request)
+    assert len(FakeJudge.calls) == 2 * len(questions) + 1  # both orders, and the call refused with 429 once more
+    asked = [call["messages"][1]["content"] for call in FakeJudge.calls]
+    assert all(any(q["text"] in content for content in asked) for q in questions)
+    reviews = [json.loads(line) for f in files for line in f.read_text().splitlines()]
+    assert sorted(r["message_id"] for r in reviews) == sorted(2 * [q["message_id"] for q in questions])
+    assert not any("question_id" in r for r in reviews)
+    judge(request)  # a rerun pays for nothing already reviewed
+    assert len(FakeJudge.calls) == 2 * len(questions) + 1
+    assert "0 judge calls to make (6 of 6 already reviewed)" in capsys.readouterr().err
+    ratings = elo_ratings(read_review_dir(tmp_path / "reviews"), orderings=50)
+    assert {r.system: (r.wins, r.ties, r.losses) for r in ratings} == {  # the fake judge always prefers answer 1
+        OA_SYSTEMS[0]: (3, 0, 3), OA_SYSTEMS[2]: (3, 0, 3)}
+
+
+def test_answers_continue_a_message_id_keyed_file_under_its_key(tmp_path, fake_judge):
+    from qlora_cli.eval.chat.answer import AnswerRequest, answer
+
+    FakeJudge.rate_limit_first = False
+    questions = _oa_questions(random.Random(5), 3)
+    benchmark = _write_jsonl(tmp_path / "oa_questions.jsonl", questions)
+    out = _oa_answers(tmp_path / "answers.jsonl", questions[:1], "the paper's model")
+    answer(AnswerRequest(str(benchmark), out, model="served-model", endpoint=fake_judge))
+    assert len(FakeJudge.calls) == 2  # the answered one is not asked again
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["message_id"] for r in records] == [q["message_id"] for q in questions]
+    assert not any("question_id" in r for r in records)
+
+
+def test_our_answers_to_the_papers_openassistant_questions_are_judged_beside_the_papers(tmp_path, fake_judge):
+    """The paper's oa_questions.jsonl names each prompt by both keys: fresh answers take message_id, the key of
+    the paper's OpenAssistant answers and reviews, so ours can be judged against theirs and join their folder."""
+    from qlora_cli.eval.chat.answer import AnswerRequest, answer
+
+    FakeJudge.rate_limit_first = False
+    questions = _oa_questions(random.Random(6), 2)
+    benchmark = _write_jsonl(tmp_path / "oa_questions.jsonl", questions)
+    ours = answer(AnswerRequest(str(benchmark), tmp_path / "ours.jsonl", model="served-model", endpoint=fake_judge))
+    assert [json.loads(line)["message_id"] for line in ours.read_text().splitlines()] == [
+        q["message_id"] for q in questions]  # fmt: skip
+    theirs = _oa_answers(tmp_path / f"{OA_SYSTEMS[2]}.jsonl", questions, "chatgpt")
+    files = judge(JudgeRequest((ours, theirs), "pairwise", fake_judge, "gpt-4", tmp_path / "reviews"))
+    reviews = [json.loads(line) for f in files for line in f.read_text().splitlines()]
+    assert len(reviews) == 2 * len(questions) and all("message_id" in r for r in reviews)
+
+
+def test_an_empty_generation_in_the_papers_answers_is_an_empty_answer(tmp_path):
+    """16 of the 953 answers in the paper's 7b-flan-oa-generations file are empty strings."""
+    from qlora_cli.eval.chat.answer import read_answers
+
+    questions = _oa_questions(random.Random(7), 2)
+    path = _oa_answers(tmp_path / "answers.jsonl", questions, "flan")
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    records[1]["generation"] = ""
+    _write_jsonl(path, records)
+    assert [answer["text"] for answer in read_answers(path)] == [records[0]["generation"], ""]

@@ -2,7 +2,8 @@
 
 The answers file is JSON Lines, one `{question_id, answer_id, model_id, text, question, category, metadata}`
 per question, appended as answers arrive: a second run with the same output continues where the first
-stopped. The paper sampled with top-p 0.9 and temperature 0.7, after its system text (`PAPER_SYSTEM`).
+stopped, under the key that file uses (`message_id` in the paper's OpenAssistant answers, `records.py`). The
+paper sampled with top-p 0.9 and temperature 0.7, after its system text (`PAPER_SYSTEM`).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from typing import Any, Iterator
 
 from qlora_cli.errors import QloraError
 from qlora_cli.eval.chat.benchmarks import PAPER_SYSTEM, Question, load_questions
-from qlora_cli.eval.chat.records import read_records
+from qlora_cli.eval.chat.records import read_keyed
 
 
 _NEXT_CONVERSATION = "A chat between a curious human and an artificial intelligence"
+_TEXT_FIELDS = ("generation_truncated", "generation", "text")  # the paper's answers, then ours
 
 
 @dataclass(frozen=True)
@@ -47,8 +49,10 @@ def answer(request: AnswerRequest) -> Path:
     if request.endpoint and request.gguf_file:
         raise QloraError("--gguf-file loads a model here: an --endpoint serves its own")
     questions = load_questions(request.benchmark, request.limit)
-    done = {record["question_id"] for record in read_answers(request.output)} if request.output.exists() else set()
-    todo = [q for q in questions if q.question_id not in done]
+    key, answered = read_keyed_answers(request.output) if request.output.exists() else (None, [])
+    key = key or questions[0].id_key
+    done = {str(record[key]) for record in answered}
+    todo = [q for q in questions if str(q.question_id) not in done]
     if not todo:
         print(f"{request.output}: all {len(questions)} questions already answered", file=sys.stderr)
         return request.output
@@ -58,20 +62,27 @@ def answer(request: AnswerRequest) -> Path:
 
     with request.output.open("a", encoding="utf-8") as out, tqdm(total=len(todo), desc="Answering") as bar:
         for model_id, question, text in source:
-            out.write(json.dumps(_record(request, model_id, question, text), ensure_ascii=False) + "\n")
+            out.write(json.dumps(_record(request, key, model_id, question, text), ensure_ascii=False) + "\n")
             out.flush()
             bar.update()
     return request.output
 
 
 def read_answers(path: Path) -> list[dict[str, Any]]:
-    """Our answers files, or the paper's (`generation` instead of `text`, ids made from the text)."""
+    """The answers without their key, for readers that need only answer ids (a reference's)."""
+    return read_keyed_answers(path)[1]
+
+
+def read_keyed_answers(path: Path) -> tuple[str | None, list[dict[str, Any]]]:
+    """The file's id key (`records.read_keyed`) and its answers: ours, or the paper's (`generation` instead of
+    `text`, ids made from the text)."""
+    key, rows = read_keyed(path, "answers file")
     records = []
-    for number, record in read_records(path, "answers file"):
-        try:
-            text = record.get("generation_truncated") or record.get("generation") or record["text"]
-        except (AttributeError, KeyError, TypeError) as exc:
-            raise QloraError(f"{path}:{number}: not an answer record ({exc})") from None
+    for number, record in rows:
+        # The paper's files hold some empty generations (16 of 953 in 7b-flan-oa-…): an empty answer, not a bad record.
+        text = next((record[field] for field in _TEXT_FIELDS if isinstance(record.get(field), str)), None)
+        if text is None:
+            raise QloraError(f"{path}:{number}: not an answer record (no {', '.join(_TEXT_FIELDS)} text)")
         # The paper's generations run on past the answer into a new conversation; its judge cut them there.
         text = text.split(_NEXT_CONVERSATION)[0] if "generation" in record else text
         records.append({
@@ -80,12 +91,12 @@ def read_answers(path: Path) -> list[dict[str, Any]]:
             "answer_id": record.get("answer_id") or uuid.uuid5(uuid.NAMESPACE_URL, text).hex,
             "model_id": record.get("model_id") or path.stem,
         })  # fmt: skip
-    return records
+    return key, records
 
 
-def _record(request: AnswerRequest, model_id: str, question: Question, text: str) -> dict[str, Any]:
+def _record(request: AnswerRequest, key: str, model_id: str, question: Question, text: str) -> dict[str, Any]:
     return {
-        "question_id": question.question_id,
+        key: question.question_id,
         "answer_id": uuid.uuid4().hex,
         "model_id": model_id,
         "text": text,

@@ -1,8 +1,9 @@
 """The questions: the paper's 80 Vicuna questions and 953 OpenAssistant validation prompts, or a file.
 
-A question file is FastChat's JSON Lines, `{question_id, text, category}`. OpenAssistant prompts keep their
-earlier turns in `text`, in Guanaco's `### Human: … ### Assistant: …` layout; they are split into messages,
-so each model is asked in its own prompt format.
+A question file is FastChat's JSON Lines, `{question_id, text, category}`, or with `message_id` for
+`question_id` as in the paper's OpenAssistant files (`records.py`). OpenAssistant prompts keep their earlier
+turns in `text`, in Guanaco's `### Human: … ### Assistant: …` layout; they are split into messages, so each
+model is asked in its own prompt format.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from qlora_cli.builtin import cache_dir
 from qlora_cli.errors import QloraError
-from qlora_cli.eval.chat.records import read_records
+from qlora_cli.eval.chat.records import read_keyed
 
 # The files the paper's scripts read: FastChat's Vicuna questions at the commit its eval_gpt_review.py names,
 # and the OpenAssistant prompts of artidoro/qlora.
@@ -38,6 +39,7 @@ class Question:
     question_id: int | str
     text: str  # as the judge sees it
     category: str
+    id_key: str = "question_id"  # or message_id: the key its questions file, and so its answers, name it by
 
     def messages(self, system: str | None) -> list[dict[str, str]]:
         """The conversation to answer; a Guanaco transcript becomes its turns, a plain question one user turn."""
@@ -58,11 +60,12 @@ def load_questions(benchmark: str, limit: int | None = None) -> list[Question]:
 
 
 def read_questions(path: Path) -> list[Question]:
+    key, records = read_keyed(path, "questions file")
     questions = []
-    for number, record in read_records(path, "questions file"):
+    for number, record in records:
         try:
-            questions.append(Question(record["question_id"], record["text"], record.get("category", "general")))
-        except (AttributeError, KeyError, TypeError) as exc:
+            questions.append(Question(record[key], record["text"], record.get("category", "general"), key))
+        except KeyError as exc:
             raise QloraError(f"{path}:{number}: expected FastChat's {{question_id, text, category}} ({exc})") from None
     if not questions:
         raise QloraError(f"{path} holds no questions")

@@ -4,7 +4,8 @@ Judge prompts use FastChat's schema (`{prompt_id, system_prompt, prompt_template
 the paper's published prompt files work as they are (`--judge-prompts`); a prompt whose `category` matches
 the question's (coding, math) is used for it, else the first. Every review is appended to its file the
 moment it arrives, and a rerun skips every review already there: an interrupted judging run continues
-where it stopped and never pays twice.
+where it stopped and never pays twice. Reviews name their question by the answers' key (`records.py`):
+`message_id` for the paper's OpenAssistant answers, else `question_id`.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from qlora_cli.errors import QloraError
-from qlora_cli.eval.chat.answer import openai_client, read_answers
+from qlora_cli.eval.chat.answer import openai_client, read_keyed_answers
 from qlora_cli.eval.chat.benchmarks import load_questions
-from qlora_cli.eval.chat.records import read_records
-from qlora_cli.eval.chat.reviews import parse_pairwise, parse_relative
+from qlora_cli.eval.chat.records import one_key, read_records
+from qlora_cli.eval.chat.reviews import parse_pairwise, parse_relative, read_reviews
 
 _TEMPLATE = (
     "[Question]\n{question}\n\n[The Start of Assistant 1's Answer]\n{answer_1}\n\n[The End of Assistant 1's Answer]"
@@ -75,6 +76,7 @@ class Call:
 
     file: Path
     question_id: Any
+    id_key: str  # question_id or message_id, as the answers name it
     first: dict[str, Any]
     second: dict[str, Any]
     system: str
@@ -91,7 +93,7 @@ def judge(request: JudgeRequest) -> list[Path]:
         raise QloraError(f"--mode {request.mode!r}: relative or pairwise")
     calls = plan_calls(request)
     files = sorted({call.file for call in calls})
-    done = {file: _done(file, request) for file in files}
+    done = {file: _done(file, request, calls[0].id_key) for file in files}
     pending = [call for call in calls if call.key not in done[call.file]]
     tokens = sum(len(call.system) + len(call.user) for call in pending) // 4
     print(
@@ -135,13 +137,14 @@ def judge(request: JudgeRequest) -> list[Path]:
 
 def plan_calls(request: JudgeRequest) -> list[Call]:
     """Every question both systems answered, in both orders."""
-    first, second = (read_answers(path) for path in request.answers)
+    (key_1, first), (key_2, second) = (read_keyed_answers(path) for path in request.answers)
+    key = one_key({request.answers[0]: key_1, request.answers[1]: key_2})
     names = [first[0]["model_id"] if first else "a", second[0]["model_id"] if second else "b"]
     if names[0] == names[1]:
         names = [path.stem for path in request.answers]
-    questions = _question_texts(request, first + second)
+    questions = _question_texts(request, key, first + second)
     prompts = _prompts(request)
-    by_question = [{str(a["question_id"]): a for a in answers} for answers in (first, second)]
+    by_question = [{str(a[key]): a for a in answers} for answers in (first, second)]
     shared = [q for q in by_question[0] if q in by_question[1]]
     if not shared:
         raise QloraError(f"{request.answers[0]} and {request.answers[1]} answer no question in common")
@@ -154,14 +157,14 @@ def plan_calls(request: JudgeRequest) -> list[Call]:
             prompt = next((p for p in prompts if p.get("category") == category), prompts[0])
             user = prompt["prompt_template"].format(question=question, answer_1=a["text"], answer_2=b["text"],
                                                     **prompt.get("defaults", {}))  # fmt: skip
-            calls.append(Call(file, a["question_id"], {**a, "model_id": names[one]}, {**b, "model_id": names[two]},
+            calls.append(Call(file, a[key], key, {**a, "model_id": names[one]}, {**b, "model_id": names[two]},
                               prompt["system_prompt"], user, prompt["prompt_id"]))  # fmt: skip
     return calls
 
 
-def _question_texts(request: JudgeRequest, answers: list[dict[str, Any]]) -> dict[str, tuple[str, str]]:
-    texts = {str(a["question_id"]): (a["question"], a.get("category", "general")) for a in answers if "question" in a}
-    missing = {str(a["question_id"]) for a in answers} - texts.keys()
+def _question_texts(request: JudgeRequest, key: str, answers: list[dict[str, Any]]) -> dict[str, tuple[str, str]]:
+    texts = {str(a[key]): (a["question"], a.get("category", "general")) for a in answers if "question" in a}
+    missing = {str(a[key]) for a in answers} - texts.keys()
     if missing:
         if request.benchmark is None:
             raise QloraError(
@@ -184,12 +187,15 @@ def _prompts(request: JudgeRequest) -> list[dict[str, Any]]:
     return prompts
 
 
-def _done(file: Path, request: JudgeRequest) -> set[tuple]:
+def _done(file: Path, request: JudgeRequest, key: str) -> set[tuple]:
+    """The reviews this judge already wrote; their file must name questions as the answers do, as new ones will."""
     if not file.exists():
         return set()
+    file_key, reviews = read_reviews(file)
+    one_key({file: file_key, request.answers[0]: key})
     return {
-        (str(review["question_id"]), review["answer1_id"], review["answer2_id"])
-        for _, review in read_records(file, "review file")
+        (str(review[key]), review["answer1_id"], review["answer2_id"])
+        for review in reviews
         if (review.get("metadata") or {}).get("judge") == request.judge_model
     }
 
@@ -208,7 +214,7 @@ def _review(request: JudgeRequest, call: Call, text: str) -> dict[str, Any]:
     score: Any = parse_relative(text) if request.mode == "relative" else parse_pairwise(text)
     return {
         "review_id": uuid.uuid4().hex,
-        "question_id": call.question_id,
+        call.id_key: call.question_id,
         "answer1_id": call.first["answer_id"],
         "answer2_id": call.second["answer_id"],
         "reviewer_id": call.prompt_id,

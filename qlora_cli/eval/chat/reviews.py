@@ -1,8 +1,9 @@
 """Review records in FastChat's JSON Lines (the paper's `ratings-gpt4/*` files), and reading a judge's reply.
 
 One file holds one pair of systems in one presentation order: `{review_id, question_id, answer1_id,
-answer2_id, reviewer_id, metadata, text, score}`. `score` is `[s1, s2]` in relative mode and 1, 2 or 3 in
-pairwise mode (first better, second better, tie); -1 (or [-1, -1]) marks a reply that could not be read.
+answer2_id, reviewer_id, metadata, text, score}`, with `message_id` (an OASST1 UUID) for `question_id` in the
+paper's OpenAssistant files. `score` is `[s1, s2]` in relative mode and 1, 2 or 3 in pairwise mode (first
+better, second better, tie); -1 (or [-1, -1]) marks a reply that could not be read.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_cli.errors import QloraError
-from qlora_cli.eval.chat.records import read_records
+from qlora_cli.eval.chat.records import one_key, read_keyed
 
 UNPARSED_RELATIVE = [-1.0, -1.0]
 UNPARSED_PAIRWISE = -1
@@ -57,6 +58,7 @@ class ReviewFile:
     first: str  # the system whose answers were shown first
     second: str
     reviews: list[dict[str, Any]]
+    key: str | None  # question_id or message_id: `review[key]` is the question a review is of; None if empty
 
     @property
     def unparsed(self) -> int:
@@ -72,17 +74,23 @@ def read_review_dir(folder: Path) -> list[ReviewFile]:
     files = [f for f in files if f.reviews]
     if not files:
         raise QloraError(f"{folder} holds no review files (*.jsonl with FastChat review records)")
+    one_key({f.path: f.key for f in files})
     return files
 
 
-def read_review_file(path: Path) -> ReviewFile:
-    reviews = []
-    for number, record in read_records(path, "review file"):
+def read_reviews(path: Path) -> tuple[str | None, list[dict[str, Any]]]:
+    """The file's id key (`records.read_keyed`) and its review records, each checked for what is read of it."""
+    key, records = read_keyed(path, "review file")
+    for number, record in records:
         try:
-            record["question_id"], record["answer1_id"], record["answer2_id"], record["text"]  # noqa: B018
-        except (KeyError, TypeError) as exc:
+            record["answer1_id"], record["answer2_id"], record["text"]  # noqa: B018
+        except KeyError as exc:
             raise QloraError(f"{path}:{number}: not a review record ({exc})") from None
-        reviews.append(record)
+    return key, [record for _, record in records]
+
+
+def read_review_file(path: Path) -> ReviewFile:
+    key, reviews = read_reviews(path)
     mode = "relative" if reviews and isinstance(reviews[0].get("score"), list) else "pairwise"
     meta = reviews[0].get("metadata") or {} if reviews else {}
     first, second = meta.get("answer1_model"), meta.get("answer2_model")
@@ -91,7 +99,7 @@ def read_review_file(path: Path) -> ReviewFile:
         if stem.count("-vs-") != 1:
             raise QloraError(f"{path.name}: cannot tell the two systems (name it <first>-vs-<second>.jsonl)")
         first, second = stem.split("-vs-")
-    return ReviewFile(path, mode, first, second, reviews)
+    return ReviewFile(path, mode, first, second, reviews, key)
 
 
 def _score(review: dict[str, Any]) -> Any:

@@ -70,7 +70,7 @@ def relative_scores(
             ids = (review["answer1_id"], review["answer2_id"])
             if (ids[0] in reference) == (ids[1] in reference):
                 raise QloraError(
-                    f"{file.path.name}: question {review['question_id']}: cannot tell which answer is the "
+                    f"{file.path.name}: {file.key} {review[file.key]}: cannot tell which answer is the "
                     "reference (pass --reference with the reference's answers file)"
                 )
             reference_first = ids[0] in reference
@@ -85,7 +85,7 @@ def relative_scores(
             if score == UNPARSED_RELATIVE:
                 unparsed[system] += 1
             else:
-                by_system[system].append((review["question_id"], reference_first, score))
+                by_system[system].append((review[file.key], reference_first, score))
     reference_name = reference_names.pop() if len(reference_names) == 1 else "the reference"
     systems = sorted(by_system.keys() | unparsed.keys())
     return [_relative(system, reference_name, by_system[system], unparsed[system], resamples, seed) for system in systems]
@@ -126,7 +126,7 @@ def _shared_answer_ids(files: list[ReviewFile]) -> set[str]:
     seen: dict[Any, list[set[str]]] = defaultdict(list)
     for file in files:
         for review in file.reviews:
-            seen[review["question_id"]].append({review["answer1_id"], review["answer2_id"]})
+            seen[review[file.key]].append({review["answer1_id"], review["answer2_id"]})
     shared: set[str] = set()
     for question, id_sets in seen.items():
         common = set.intersection(*id_sets)
@@ -217,11 +217,11 @@ def relative_table(scores: list[RelativeScore]) -> str:
 
 
 def elo_table(ratings: list[EloRating], orderings: int, unparsed: int) -> str:
-    lines = [f"{'system':<48} {'Elo':>7} {'95% CI of mean':>15} {'single orderings':>17} {'W/T/L':>12}"]
+    lines = [f"{'system':<48} {'Elo':>7} {'95% CI of mean':>15} {'single orderings':>17} {'W/T/L':>15}"]
     for r in ratings:
         lines.append(
             f"{r.system:<48} {r.mean:>7.0f} {f'±{r.interval:.1f}':>15} "
-            f"{f'{r.spread_low:.0f}-{r.spread_high:.0f}':>17} {f'{r.wins}/{r.ties}/{r.losses}':>12}"
+            f"{f'{r.spread_low:.0f}-{r.spread_high:.0f}':>17} {f'{r.wins}/{r.ties}/{r.losses}':>15}"
         )
     lines.append(f"\nMean over {orderings:,} random orderings of all matches (start 1000, K 32); "
                  f"{unparsed} unparsed reviews left out.")  # fmt: skip
