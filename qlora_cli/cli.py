@@ -40,6 +40,28 @@ Overrides = Annotated[
 ]
 
 
+class ComputeDtypeChoice(str, Enum):
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+ComputeDtypeOption = Annotated[
+    Optional[ComputeDtypeChoice],
+    typer.Option(
+        "--compute-dtype",
+        help="What the model computes in: auto (bf16 where the GPU or CPU has bf16 units, else fp16 on a GPU, fp32 "
+        "on a CPU), bf16, fp16 (GPUs only) or fp32. Default: the recipe's (auto for a plain model).",
+        show_default=False,
+    ),
+]
+
+
+def _dtype(choice: ComputeDtypeChoice | None) -> str | None:
+    return choice.value if choice is not None else None
+
+
 GgufOption = Annotated[
     Optional[str],
     typer.Option("--gguf-file", help="A GGUF file in the --model folder or hub repo (needs the gguf extra).",
@@ -142,13 +164,15 @@ def plan(
     device: Annotated[
         str, typer.Option(help="cuda, or cpu (computing in what compute_dtype: auto picks for this CPU).")
     ] = "cuda",
+    compute_dtype: ComputeDtypeOption = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
     """Predict peak GPU memory of a recipe beside 16-bit LoRA and full finetuning; no weights needed."""
     from qlora_cli.plan import parse_size, plan_for, render_plan
 
     budget = parse_size(gpu_memory) if gpu_memory else None
-    result = plan_for(config, overrides or [], model, device=device, num_processes=num_processes)
+    overrides = [*(overrides or []), *([f"quantization.compute_dtype={compute_dtype.value}"] if compute_dtype else [])]
+    result = plan_for(config, overrides, model, device=device, num_processes=num_processes)
     typer.echo(json.dumps(result.to_dict(budget), indent=2) if json_output else render_plan(result, budget))
 
 
@@ -254,6 +278,7 @@ def eval_mmlu(
         Optional[Path], typer.Option("--config", "-c", help="Recipe: model, quantization and its run's adapter.")
     ] = None,
     gguf_file: GgufOption = None,
+    compute_dtype: ComputeDtypeOption = None,
     data: Annotated[
         Optional[str], typer.Option(help="Hendrycks folder, or the paper's JSON Lines; default: cais/mmlu (hub).")
     ] = None,
@@ -282,7 +307,7 @@ def eval_mmlu(
         batch_size=batch_size,
         max_length=max_length,
     )
-    result = run_mmlu(*target, cfg, output=output, predictions=predictions)
+    result = run_mmlu(*target, cfg, output=output, predictions=predictions, compute_dtype=_dtype(compute_dtype))
     typer.echo(format_table(result))
 
 
@@ -315,6 +340,7 @@ def chat_answer(
     seed: int = 0,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N questions.")] = None,
     no_system: Annotated[bool, typer.Option("--no-system", help="Leave out the paper's system text.")] = False,
+    compute_dtype: ComputeDtypeOption = None,
 ) -> None:
     """Answer a benchmark's questions (the paper: top-p 0.9, temperature 0.7, its system text)."""
     from qlora_cli.eval.chat.answer import AnswerRequest, answer
@@ -325,7 +351,7 @@ def chat_answer(
         raise QloraError("pass --adapter, --model (a local model), or --endpoint with --model (the model it serves)")
     system = None if no_system else PAPER_SYSTEM
     request = AnswerRequest(benchmark, output, adapter, model, config, endpoint, api_key_env, system, temperature,
-                            top_p, max_tokens, batch_size, seed, limit, gguf_file)  # fmt: skip
+                            top_p, max_tokens, batch_size, seed, limit, gguf_file, _dtype(compute_dtype))  # fmt: skip
     typer.echo(f"Answers in {answer(request)}")
 
 
@@ -488,6 +514,7 @@ def generate(
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
     top_p: TopP = 1.0,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts generated together (left-padded).")] = 8,
+    compute_dtype: ComputeDtypeOption = None,
 ) -> None:
     """Generate replies with a 4-bit base + adapter, or a merged model, in the recipe's prompt format."""
     import json
@@ -498,7 +525,7 @@ def generate(
     if (prompt is None) == (prompts is None):
         raise QloraError("pass either --prompt TEXT or --prompts FILE")
     records = [{"prompt": prompt}] if prompt is not None else read_prompts(prompts)
-    generator = load_generator(chosen_model(model, gguf_file), adapter, config)
+    generator = load_generator(chosen_model(model, gguf_file), adapter, config, compute_dtype=_dtype(compute_dtype))
     results = generate_records(generator, records, Sampling(max_new_tokens, temperature, top_p, batch_size))
     for result in results:
         typer.echo(result["output"] if prompt is not None else json.dumps(result, ensure_ascii=False))
@@ -513,6 +540,7 @@ def chat(
     max_new_tokens: MaxNewTokens = 256,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.7,
     top_p: TopP = 0.9,
+    compute_dtype: ComputeDtypeOption = None,
 ) -> None:
     """Chat with a model in the recipe's prompt format, streaming replies; /reset and /exit."""
     from qlora_cli.chat import HELP
@@ -520,9 +548,10 @@ def chat(
     from qlora_cli.generate import Sampling, load_generator
     from qlora_cli.model import chosen_model
 
-    generator = load_generator(chosen_model(model, gguf_file), adapter, config)
+    generator = load_generator(chosen_model(model, gguf_file), adapter, config, compute_dtype=_dtype(compute_dtype))
     fmt = generator.prompt_format.name if generator.prompt_format else "prompts as typed"
-    typer.echo(f"Chatting with {generator.loaded.source} ({fmt} format). {HELP}", err=True)
+    compute = generator.loaded.compute.name
+    typer.echo(f"Chatting with {generator.loaded.source} ({fmt} format, {compute} compute). {HELP}", err=True)
     sampling = Sampling(max_new_tokens, temperature, top_p, batch_size=1)
     run_chat(generator, sampling, sys.stdin, sys.stdout, interactive=sys.stdin.isatty())
 
@@ -540,6 +569,7 @@ def serve(
     config: Annotated[
         Optional[Path], typer.Option("--config", "-c", help="Recipe: its prompt format, and its run when nothing else is given.")
     ] = None,
+    compute_dtype: ComputeDtypeOption = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
     api_key: Annotated[
@@ -557,7 +587,7 @@ def serve(
     from qlora_cli.model import chosen_model
     from qlora_cli.serve.models import resolve_target, vllm_command
 
-    target = resolve_target(chosen_model(model, gguf_file), adapter or [], config)
+    target = resolve_target(chosen_model(model, gguf_file), adapter or [], config, _dtype(compute_dtype))
     if print_vllm_command:
         typer.echo(vllm_command(target, host=host, port=port, api_key=api_key))
         return

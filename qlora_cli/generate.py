@@ -139,11 +139,17 @@ class Generator:
 
 
 def load_generator(
-    model: ModelConfig | None, adapter: Path | None = None, config: Path | None = None, *, device: str | None = None
+    model: ModelConfig | None,
+    adapter: Path | None = None,
+    config: Path | None = None,
+    *,
+    device: str | None = None,
+    compute_dtype: str | None = None,
 ) -> Generator:
     """With an adapter: its base quantized as in training; without: a plain (e.g. merged) model in 16 bits.
 
-    The prompt format comes from `config`, else from the recipe beside the adapter (or the merged model).
+    The prompt format comes from `config`, else from the recipe beside the adapter (or the merged model);
+    `compute_dtype` (--compute-dtype) replaces the training's, or auto's for a plain model.
     """
     recipe = load_recipe(config) if config is not None else None
     if adapter is not None:
@@ -152,7 +158,8 @@ def load_generator(
             trained = replace(trained, recipe=recipe)
         recipe = trained.recipe
         loaded = load_for_inference(
-            trained.base_model(model), trained.quantization, trained.path, device=device, generation=True
+            trained.base_model(model), trained.quantization, trained.path, device=device, generation=True,
+            compute_dtype=compute_dtype,
         )
     elif model:
         if recipe is None and Path(model.name_or_path).is_dir():
@@ -160,7 +167,7 @@ def load_generator(
         trust = bool(recipe and recipe.model.trust_remote_code)
         loaded = load_for_inference(
             model.model_copy(update={"trust_remote_code": trust}), QuantizationConfig(bits=16), device=device,
-            generation=True,
+            generation=True, compute_dtype=compute_dtype,
         )
     else:
         raise QloraError("pass --model (a model folder or hub id), --adapter (a trained adapter folder), or both")

@@ -55,6 +55,25 @@ def bf16_matrix_units(*, within_isa_cap: bool = True) -> str | None:
     return None
 
 
+def bf16_matmul_slowdown(size: int = 256, repeats: int = 3) -> float:
+    """How many times longer a size x size matmul takes in bf16 than in fp32 on this CPU (best of `repeats`)."""
+    import time
+
+    import torch
+
+    def best_time(dtype: torch.dtype) -> float:
+        a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+        a @ b  # the first call sets up oneDNN's kernel
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best_time(torch.bfloat16) / best_time(torch.float32)
+
+
 def onednn_isa_cap() -> tuple[str, str] | None:
     """(variable, ISA) where the environment caps the instructions oneDNN, which runs torch's CPU matmuls, may use."""
     for variable in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):  # oneDNN reads both, the first one first

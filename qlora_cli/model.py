@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,11 +16,12 @@ from qlora_cli.data.tokenize import PaddingCollator
 from qlora_cli.errors import QloraError, refusing_pickled_code
 from qlora_cli.gguf import dequantized_folder, split_gguf_path
 from qlora_cli.dropout import use_cpu_dropout
-from qlora_cli.kernels import bf16_matrix_units, choose_cpu_kernel, onednn_isa_cap
+from qlora_cli.kernels import bf16_matmul_slowdown, bf16_matrix_units, choose_cpu_kernel, onednn_isa_cap
 from qlora_cli.model_kind import ModelKind, kind_of
 from qlora_cli.run_folder import ADAPTER_CONFIG_FILE, has_adapter
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+COMPUTE_DTYPE_SETTING = "quantization.compute_dtype"  # where a recipe sets it; inference commands: --compute-dtype
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -45,17 +47,24 @@ class ComputeDtype:
         return dtype_name(self.dtype)
 
 
-def choose_compute_dtype(name: str, device: str | None = None) -> ComputeDtype:
-    """`auto`: bf16 where the GPU or CPU has bf16 units, fp16 on older GPUs, fp32 on CPUs without them."""
+def choose_compute_dtype(
+    name: str, device: str | None = None, *, setting: str = COMPUTE_DTYPE_SETTING, inference: bool = False
+) -> ComputeDtype:
+    """`auto`: bf16 where the GPU or CPU has bf16 units, fp16 on older GPUs, fp32 on CPUs without them.
+
+    `setting` names where `name` came from, for the reason and for errors. fp16 inference on a CPU is refused:
+    CPUs have no fp16 matrix units worth using, and fp16's range overflows where bf16 and fp32 do not.
+    """
     device = device or device_for_process()
     on_gpu = device.startswith("cuda")
     if name != "auto":
         if name == "bf16" and on_gpu and not torch.cuda.is_bf16_supported():
             raise QloraError(
-                "quantization.compute_dtype=bf16 but this GPU has no bf16: use fp16 (as the paper did on such GPUs) "
-                "or fp32"
+                f"{setting}=bf16 but this GPU has no bf16: use fp16 (as the paper did on such GPUs) or fp32"
             )
-        return ComputeDtype(DTYPES[name], f"quantization.compute_dtype={name}")
+        if name == "fp16" and not on_gpu and inference:
+            raise QloraError(f"{setting}=fp16 on the CPU: use fp32, or bf16 on a CPU with bf16 units (auto picks)")
+        return ComputeDtype(DTYPES[name], f"{setting}={name}")
     if on_gpu:
         if torch.cuda.is_bf16_supported():
             return ComputeDtype(torch.bfloat16, "auto: this GPU computes in bf16")
@@ -71,6 +80,16 @@ def choose_compute_dtype(name: str, device: str | None = None) -> ComputeDtype:
 
 def resolve_compute_dtype(name: str, device: str | None = None) -> torch.dtype:
     return choose_compute_dtype(name, device).dtype
+
+
+def slow_compute_warning(compute: ComputeDtype, device: str) -> str | None:
+    """bf16 asked for on a CPU without bf16 units (auto never picks it there): it runs, at a cost measured here."""
+    if device != "cpu" or compute.dtype != torch.bfloat16 or bf16_matrix_units():
+        return None
+    return (
+        f"{compute.reason} on a CPU without bf16 matrix units: a bf16 matmul ran {bf16_matmul_slowdown():.0f}x "
+        "slower than fp32 here just now; fp32 (or auto) computes faster"
+    )
 
 
 def bnb_config(quant: QuantizationConfig, compute_dtype: torch.dtype, *, fsdp: bool = False) -> Any | None:
@@ -162,6 +181,7 @@ def load_model(
     for_training: bool = True,
     generation: bool = False,
     fsdp: bool = False,
+    compute_setting: str = COMPUTE_DTYPE_SETTING,
 ) -> LoadedModel:
     """Quantized while loading, shard by shard: the full-precision model is never materialized.
 
@@ -173,7 +193,9 @@ def load_model(
 
     device = device or device_for_process()
     source = model_source(cfg)
-    compute = choose_compute_dtype(quant.compute_dtype, device)
+    compute = choose_compute_dtype(quant.compute_dtype, device, setting=compute_setting, inference=not for_training)
+    if warning := slow_compute_warning(compute, device):
+        print(f"warning: {warning}", file=sys.stderr)
     compute_dtype = compute.dtype
     common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     model_config = _from_pretrained(AutoConfig.from_pretrained, source, "model", **common)
@@ -211,14 +233,20 @@ def load_for_inference(
     *,
     device: str | None = None,
     generation: bool = False,
+    compute_dtype: str | None = None,
 ) -> LoadedModel:
     """Base (quantized as recipe says) plus an optional trained adapter, in eval mode.
 
-    It computes as training did, unless `generation` picks the fused CPU kernel for decoding (qlora_cli.kernels).
+    It computes as training did, unless `compute_dtype` (an inference command's --compute-dtype) says otherwise
+    or `generation` picks the fused CPU kernel for decoding (qlora_cli.kernels). The dtype and why go to stderr.
     """
-    loaded = load_model(cfg, quant, device=device, for_training=False, generation=generation)
+    setting = COMPUTE_DTYPE_SETTING
+    if compute_dtype is not None:
+        quant, setting = quant.model_copy(update={"compute_dtype": compute_dtype}), "--compute-dtype"
+    loaded = load_model(cfg, quant, device=device, for_training=False, generation=generation, compute_setting=setting)
     if adapter is not None:
         attach_adapter(loaded, adapter)
+    print(f"{loaded.source}: computing in {loaded.compute.name} ({loaded.compute.reason})", file=sys.stderr)
     return loaded
 
 

@@ -390,7 +390,7 @@ def test_the_papers_prompt_files_are_used_as_published(tmp_path, fake_judge):
 
 
 def test_a_tiny_model_answers_and_a_served_tiny_model_judges(cli, tmp_path, llama_adapter, second_llama_adapter):
-    from tests.test_serve import start_server, stop
+    from tests.test_serve import health, start_server, stop
 
     questions = tmp_path / "questions.jsonl"
     questions.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
@@ -398,16 +398,18 @@ def test_a_tiny_model_answers_and_a_served_tiny_model_judges(cli, tmp_path, llam
     for adapter in (llama_adapter, second_llama_adapter):
         out = tmp_path / f"{adapter.name}.jsonl"
         code, _, err = cli("eval", "chat", "answer", "--benchmark", str(questions), "--adapter", str(adapter),
-                           "--output", str(out), "--max-tokens", "16")  # fmt: skip
+                           "--output", str(out), "--max-tokens", "16", "--compute-dtype", "fp32")  # fmt: skip
         assert code == 0, err
-        assert len(out.read_text().splitlines()) == len(QUESTIONS)
+        records = [json.loads(line) for line in out.read_text().splitlines()]
+        assert len(records) == len(QUESTIONS) and all(r["metadata"]["compute_dtype"] == "fp32" for r in records)
         answers += ["--answers", str(out)]
     prompts = tmp_path / "short-prompts.jsonl"  # the tiny judge's context is 512 tokens of a tiny tokenizer
     prompts.write_text(json.dumps({"prompt_id": 1, "category": "general", "system_prompt": "Judge.",
                                    "prompt_template": "Q: {question}\nA1: {answer_1}\nA2: {answer_2}\n{prompt}",
                                    "defaults": {"prompt": "Scores:"}}) + "\n")  # fmt: skip
-    process, url = start_server("--model", "builtin:tiny-llama", "--max-tokens", "64")
+    process, url = start_server("--model", "builtin:tiny-llama", "--max-tokens", "64", "--compute-dtype", "fp32")
     try:
+        assert health(url)["compute_dtype"] == "fp32"
         for mode in ("relative", "pairwise"):
             code, _, err = cli("eval", "chat", "judge", *answers, "--mode", mode, "--judge-endpoint", f"{url}/v1",
                                "--judge-model", "builtin:tiny-llama", "--output-dir", str(tmp_path / mode),
@@ -446,11 +448,12 @@ def test_reviews_kept_inside_a_run_reach_its_report(tmp_path):
     assert "figures/elo.png" in report and (run.path / "figures" / "elo.png").is_file()
 
 
-def test_a_gguf_file_with_an_endpoint_is_refused_before_anything_is_asked(tmp_path):
+@pytest.mark.parametrize(("option", "local"), [("--gguf-file", {"gguf_file": "m.gguf"}), ("--compute-dtype", {"compute_dtype": "fp32"})])
+def test_local_model_options_with_an_endpoint_are_refused_before_anything_is_asked(tmp_path, option, local):
     from qlora_cli.eval.chat.answer import AnswerRequest, answer
 
-    request = AnswerRequest("vicuna", tmp_path / "a.jsonl", model="m", endpoint="http://127.0.0.1:9", gguf_file="m.gguf")
-    with pytest.raises(QloraError, match="--gguf-file loads a model here: an --endpoint serves its own"):
+    request = AnswerRequest("vicuna", tmp_path / "a.jsonl", model="m", endpoint="http://127.0.0.1:9", **local)
+    with pytest.raises(QloraError, match=f"{option} is for a model loaded here: an --endpoint serves its own"):
         answer(request)  # vicuna would need the network: refused before the questions load
     assert not (tmp_path / "a.jsonl").exists()
 

@@ -1,3 +1,5 @@
+import json
+import re
 import warnings
 
 import pytest
@@ -16,7 +18,9 @@ from qlora_cli.model import (
     model_source,
     resolve_compute_dtype,
 )
-from tests.conftest import REPO
+from tests.conftest import REPO, run_cli
+from tests.data_fixtures import hendrycks  # noqa: F401 (fixture)
+from tests.trained import llama_adapter  # noqa: F401 (fixture)
 
 
 @pytest.mark.parametrize(
@@ -36,6 +40,58 @@ def test_auto_compute_dtype_on_the_cpu_follows_its_bf16_units(monkeypatch, no_is
     assert chosen.dtype == dtype and reason in chosen.reason and chosen.reason.startswith("auto: ")
     assert resolve_compute_dtype("bf16", "cpu") == torch.bfloat16  # an explicit choice is kept on any CPU
     assert choose_compute_dtype("fp32", "cpu").reason == "quantization.compute_dtype=fp32"
+
+
+# --------------------------------------------------------------------------- --compute-dtype of inference commands
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_compute_dtype_of_an_inference_command_wins_and_is_recorded(cli, hendrycks, tmp_path, no_isa_cap, dtype):
+    """Whatever auto would pick on this CPU: MMLU settings and the load line say what computed, and why."""
+    output = tmp_path / "mmlu.json"
+    code, _, err = cli("eval", "mmlu", "--model", "builtin:tiny-llama", "--quantization", "none", "--data",
+                       str(hendrycks), "--shots", "0", "--compute-dtype", dtype, "--output", str(output))  # fmt: skip
+    assert code == 0, err
+    settings = json.loads(output.read_text())["settings"]
+    assert (settings["compute_dtype"], settings["compute_dtype_reason"]) == (dtype, f"--compute-dtype={dtype}")
+    assert f"computing in {dtype} (--compute-dtype={dtype})" in err
+
+
+def test_generate_records_the_compute_dtype_of_an_adapters_base(cli, llama_adapter):
+    code, out, err = cli("generate", "--adapter", str(llama_adapter), "--prompt", "Repeat the words. apple",
+                         "--max-new-tokens", "2", "--compute-dtype", "fp32")  # fmt: skip
+    assert code == 0, err
+    assert "computing in fp32 (--compute-dtype=fp32)" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--compute-dtype", "fp8"], "'fp8' is not one of 'auto', 'bf16', 'fp16', 'fp32'"),
+        (["--compute-dtype", "fp16"], "error: --compute-dtype=fp16 on the CPU: use fp32, or bf16 on a CPU with bf16"),
+    ],
+)
+def test_a_compute_dtype_that_cannot_run_here_is_one_line_and_exit_2(cli, args, message):
+    code, out, err = cli("generate", "--model", "builtin:tiny-llama", "--prompt", "hi", *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and not out
+
+
+def test_bf16_on_a_cpu_without_bf16_units_runs_and_warns_with_the_cost_measured_here():
+    """An AVX2 CPU (here, or any CPU with oneDNN capped at AVX2): bf16 matmuls run ~60x slower than fp32."""
+    result = run_cli("generate", "--model", "builtin:tiny-llama", "--prompt", "hi", "--max-new-tokens", "1",
+                     "--compute-dtype", "bf16", env={"ONEDNN_MAX_CPU_ISA": "AVX2"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    warning = re.search(r"warning: --compute-dtype=bf16 on a CPU without bf16 matrix units: a bf16 matmul ran "
+                        r"(\d+)x slower than fp32 here", result.stderr)  # fmt: skip
+    assert warning, result.stderr[-2000:]
+    assert "computing in bf16 (--compute-dtype=bf16)" in result.stderr
+
+
+def test_serve_and_plan_take_the_compute_dtype(cli, llama_adapter):
+    code, out, err = cli("serve", "--adapter", str(llama_adapter), "--compute-dtype", "fp32", "--print-vllm-command")
+    assert code == 0 and "--dtype float32" in out, err
+    code, out, err = cli("plan", "--model", "llama-7b", "--device", "cpu", "--compute-dtype", "fp32", "--json")
+    assert code == 0 and json.loads(out)["compute_dtype"] == "fp32", err
 
 
 @pytest.mark.parametrize(

@@ -453,9 +453,10 @@ def run_mmlu(
     *,
     output: Path | None = None,
     predictions: Path | None = None,
+    compute_dtype: str | None = None,
 ) -> MmluResult:
     """`qlora eval mmlu`: load the model (and adapter), build the prompts, score, write the files asked for."""
-    loaded = load_for_inference(model_cfg, quant, adapter)
+    loaded = load_for_inference(model_cfg, quant, adapter, compute_dtype=compute_dtype)
     items = load_items(cfg, loaded.tokenizer)
     result = evaluate(loaded, items, batch_size=cfg.batch_size, progress=True)
     settings = {

@@ -105,8 +105,9 @@ def create_app(engine: Engine, served: dict[str, ServedModel], *, api_key: str |
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "models": list(served), "active_requests": active.value,
-                "batches": engine.batch_count, "largest_batch": engine.largest_batch}  # fmt: skip
+        return {"status": "ok", "models": list(served), "compute_dtype": loaded.compute.name,
+                "active_requests": active.value, "batches": engine.batch_count,
+                "largest_batch": engine.largest_batch}  # fmt: skip
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -15,6 +15,9 @@ from qlora_cli.generate import Generator, load_generator
 from qlora_cli.model import LoadedModel, attach_adapter
 
 
+VLLM_DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # its --dtype
+
+
 @dataclass(frozen=True)
 class Limits:
     max_concurrent: int = 64  # requests generating or waiting; more get 429
@@ -42,9 +45,12 @@ class ServeTarget:
     model: ModelConfig | None
     adapters: tuple[tuple[str, Path], ...]  # (name, folder), in the order given
     config: Path | None
+    compute_dtype: str | None = None  # --compute-dtype; None: as trained (auto for a plain model)
 
 
-def resolve_target(model: ModelConfig | None, adapter_specs: list[str], config: Path | None) -> ServeTarget:
+def resolve_target(
+    model: ModelConfig | None, adapter_specs: list[str], config: Path | None, compute_dtype: str | None = None
+) -> ServeTarget:
     """`--adapter [NAME=]PATH` (repeatable); `--config` alone serves what its run produced."""
     adapters = []
     for spec in adapter_specs:
@@ -65,17 +71,17 @@ def resolve_target(model: ModelConfig | None, adapter_specs: list[str], config: 
             model = ModelConfig(name_or_path=str(run))
     if model is None and not adapters:
         raise QloraError("pass --adapter (a trained adapter folder), --model (a model folder or hub id) or --config")
-    return ServeTarget(model, tuple(adapters), config)
+    return ServeTarget(model, tuple(adapters), config, compute_dtype)
 
 
 def load_served(target: ServeTarget) -> tuple[LoadedModel, dict[str, ServedModel]]:
     """The base once, quantized as its adapters were trained; every adapter on it under its own name."""
     if not target.adapters:
-        generator = load_generator(target.model, None, target.config)
+        generator = load_generator(target.model, None, target.config, compute_dtype=target.compute_dtype)
         name = target.model.name_or_path  # type: ignore[union-attr]  # resolve_target: a model when no adapters
         return generator.loaded, {name: ServedModel(name, None, generator)}
     (first_name, first_path), *others = target.adapters
-    generator = load_generator(target.model, first_path, target.config)
+    generator = load_generator(target.model, first_path, target.config, compute_dtype=target.compute_dtype)
     loaded, first = generator.loaded, read_adapter(first_path)
     served = {first_name: ServedModel(first_name, "default", generator)}
     explicit = load_recipe(target.config) if target.config else None
@@ -120,6 +126,8 @@ def vllm_command(target: ServeTarget, *, host: str, port: int, api_key: str | No
         command += [f"{name}={path.resolve()}" for name, path in target.adapters]
         if first.recipe is not None and first.recipe.data.dataset == "oasst1":
             command += ["--chat-template", GUANACO_CHAT_TEMPLATE]  # the tokenizer has none: Guanaco's layout
+    if target.compute_dtype:
+        command += ["--dtype", VLLM_DTYPES[target.compute_dtype]]
     command += ["--host", host, "--port", str(port)]
     if api_key:
         command += ["--api-key", api_key]

@@ -15,7 +15,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 from qlora_cli.errors import QloraError
 from qlora_cli.eval.chat.benchmarks import PAPER_SYSTEM, Question, load_questions
@@ -43,11 +43,13 @@ class AnswerRequest:
     seed: int = 0
     limit: int | None = None
     gguf_file: str | None = None  # a GGUF file in the local model's folder or hub repo
+    compute_dtype: str | None = None  # --compute-dtype of a local model; None: as trained (auto for a plain model)
 
 
 def answer(request: AnswerRequest) -> Path:
-    if request.endpoint and request.gguf_file:
-        raise QloraError("--gguf-file loads a model here: an --endpoint serves its own")
+    if request.endpoint and (request.gguf_file or request.compute_dtype):
+        option = "--gguf-file" if request.gguf_file else "--compute-dtype"
+        raise QloraError(f"{option} is for a model loaded here: an --endpoint serves its own")
     questions = load_questions(request.benchmark, request.limit)
     key, answered = read_keyed_answers(request.output) if request.output.exists() else (None, [])
     key = key or questions[0].id_key
@@ -61,8 +63,8 @@ def answer(request: AnswerRequest) -> Path:
     from tqdm.auto import tqdm
 
     with request.output.open("a", encoding="utf-8") as out, tqdm(total=len(todo), desc="Answering") as bar:
-        for model_id, question, text in source:
-            out.write(json.dumps(_record(request, key, model_id, question, text), ensure_ascii=False) + "\n")
+        for reply in source:
+            out.write(json.dumps(_record(request, key, reply), ensure_ascii=False) + "\n")
             out.flush()
             bar.update()
     return request.output
@@ -94,48 +96,57 @@ def read_keyed_answers(path: Path) -> tuple[str | None, list[dict[str, Any]]]:
     return key, records
 
 
-def _record(request: AnswerRequest, key: str, model_id: str, question: Question, text: str) -> dict[str, Any]:
+class Reply(NamedTuple):
+    model_id: str
+    question: Question
+    text: str
+    compute_dtype: str | None  # what a model loaded here computed in; None from an endpoint
+
+
+def _record(request: AnswerRequest, key: str, reply: Reply) -> dict[str, Any]:
+    local = {"compute_dtype": reply.compute_dtype} if reply.compute_dtype else {}
     return {
-        key: question.question_id,
+        key: reply.question.question_id,
         "answer_id": uuid.uuid4().hex,
-        "model_id": model_id,
-        "text": text,
-        "question": question.text,
-        "category": question.category,
+        "model_id": reply.model_id,
+        "text": reply.text,
+        "question": reply.question.text,
+        "category": reply.question.category,
         "metadata": {
             "temperature": request.temperature, "top_p": request.top_p, "max_tokens": request.max_tokens,
-            "system": request.system, "seed": request.seed, "source": request.endpoint or "local",
+            "system": request.system, "seed": request.seed, "source": request.endpoint or "local", **local,
         },  # fmt: skip
     }
 
 
-def _local_answers(request: AnswerRequest, todo: list[Question]) -> Iterator[tuple[str, Question, str]]:
+def _local_answers(request: AnswerRequest, todo: list[Question]) -> Iterator[Reply]:
     from transformers import set_seed
 
     from qlora_cli.generate import Sampling, load_generator
     from qlora_cli.model import chosen_model
 
-    generator = load_generator(chosen_model(request.model, request.gguf_file), request.adapter, request.config)
-    model_id = Path(request.adapter).name if request.adapter else str(request.model)
+    model = chosen_model(request.model, request.gguf_file)
+    generator = load_generator(model, request.adapter, request.config, compute_dtype=request.compute_dtype)
+    model_id, compute = Path(request.adapter).name if request.adapter else str(request.model), generator.loaded.compute
     sampling = Sampling(request.max_tokens, request.temperature, request.top_p, request.batch_size)
     set_seed(request.seed)
     for start in range(0, len(todo), request.batch_size):
         batch = todo[start : start + request.batch_size]
         prompts = [generator.render(q.messages(request.system)) for q in batch]
-        yield from ((model_id, q, text) for q, text in zip(batch, generator.generate(prompts, sampling)))
+        yield from (Reply(model_id, q, text, compute.name) for q, text in zip(batch, generator.generate(prompts, sampling)))
 
 
-def _endpoint_answers(request: AnswerRequest, todo: list[Question]) -> Iterator[tuple[str, Question, str]]:
+def _endpoint_answers(request: AnswerRequest, todo: list[Question]) -> Iterator[Reply]:
     if not request.model:
         raise QloraError("--endpoint needs --model: the model name the endpoint serves")
     client = openai_client(request.endpoint, request.api_key_env)
 
-    def ask(question: Question) -> tuple[str, Question, str]:
+    def ask(question: Question) -> Reply:
         reply = client.chat.completions.create(
             model=request.model, messages=question.messages(request.system), temperature=request.temperature,
             top_p=request.top_p, max_tokens=request.max_tokens, seed=request.seed,
         )  # fmt: skip
-        return request.model, question, reply.choices[0].message.content or ""
+        return Reply(request.model, question, reply.choices[0].message.content or "", None)
 
     with ThreadPoolExecutor(request.batch_size) as pool:
         yield from pool.map(ask, todo)
