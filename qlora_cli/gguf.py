@@ -47,8 +47,9 @@ def dequantized_folder(source: str, gguf_file: str) -> Path:
         try:
             model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
-        except (OSError, ValueError) as exc:
-            raise QloraError(f"cannot read {gguf_file} from {source}: {str(exc).splitlines()[0]}") from None
+        except Exception as exc:  # a truncated or foreign file fails deep in the gguf reader (struct.error, …)
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise QloraError(f"cannot read {gguf_file} from {source} (truncated, or not a GGUF file?): {reason}") from None
         # The weights as plain tensors and the config without the GGUF's quantization, which is undone now.
         # (save_pretrained refuses a model that transformers loaded from GGUF.)
         save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})

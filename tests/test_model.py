@@ -1,10 +1,12 @@
 import json
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
+from qlora_cli.builtin import resolve_builtin_model
 from qlora_cli.config import LoraConfig, ModelConfig, QuantizationConfig
 from qlora_cli.errors import QloraError
 from qlora_cli.model import (
@@ -18,7 +20,7 @@ from qlora_cli.model import (
     model_source,
     resolve_compute_dtype,
 )
-from tests.conftest import REPO, run_cli
+from tests.conftest import run_cli
 from tests.data_fixtures import hendrycks  # noqa: F401 (fixture)
 from tests.trained import llama_adapter  # noqa: F401 (fixture)
 
@@ -224,19 +226,20 @@ def test_missing_local_folder_is_a_clear_error(tmp_path):
         load_model(ModelConfig(name_or_path=str(tmp_path / "absent")), QuantizationConfig())
 
 
-SMOLLM2_GGUF = REPO.parent / "shared" / "data" / "models" / "smollm2-135m-instruct-gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2 = "builtin:smollm2-135m-instruct"
 
 
-@pytest.mark.skipif(not SMOLLM2_GGUF.is_file(), reason="../shared/data is absent")
 def test_a_gguf_checkpoint_is_dequantized_once_then_quantized_to_nf4():
-    """SmolLM2-135M-Instruct (Q4_1, tied embeddings): as a file path or as gguf_file in its folder."""
+    """SmolLM2-135M-Instruct (Q4_1, tied embeddings): by its builtin name, as a file path or as gguf_file in its
+    folder."""
     import bitsandbytes as bnb
 
     from qlora_cli.generate import Generator, Sampling
 
-    as_file = load_for_inference(ModelConfig(name_or_path=str(SMOLLM2_GGUF)), QuantizationConfig())
-    in_folder = ModelConfig(name_or_path=str(SMOLLM2_GGUF.parent), gguf_file=SMOLLM2_GGUF.name)
-    assert model_source(in_folder) == as_file.source  # one cached copy
+    gguf = Path(resolve_builtin_model(SMOLLM2))
+    as_file = load_for_inference(ModelConfig(name_or_path=str(gguf)), QuantizationConfig())
+    in_folder = ModelConfig(name_or_path=str(gguf.parent), gguf_file=gguf.name)
+    assert model_source(in_folder) == model_source(ModelConfig(name_or_path=SMOLLM2)) == as_file.source  # one copy
     model = as_file.model
     assert any(isinstance(m, bnb.nn.Linear4bit) and m.weight.quant_type == "nf4" for m in model.modules())
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied
@@ -247,14 +250,14 @@ def test_a_gguf_checkpoint_is_dequantized_once_then_quantized_to_nf4():
     assert "Paris" in reply
 
 
-@pytest.mark.skipif(not SMOLLM2_GGUF.is_file(), reason="../shared/data is absent")
 def test_inference_commands_take_a_gguf_file_in_a_model_folder(cli):
-    folder, name = str(SMOLLM2_GGUF.parent), SMOLLM2_GGUF.name
+    gguf = Path(resolve_builtin_model(SMOLLM2))
+    folder, name = str(gguf.parent), gguf.name
     code, out, err = cli("generate", "--model", folder, "--gguf-file", name, "--max-new-tokens", "12",
                          "--prompt", "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
     assert code == 0 and "Paris" in out, err
     code, out, err = cli("serve", "--model", folder, "--gguf-file", name, "--print-vllm-command")
-    assert code == 0 and out.startswith(f"vllm serve {SMOLLM2_GGUF} --served-model-name {folder} "), err
+    assert code == 0 and out.startswith(f"vllm serve {gguf} --served-model-name {folder} "), err
 
 
 @pytest.mark.parametrize(

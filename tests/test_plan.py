@@ -254,10 +254,10 @@ def test_activation_peak_is_the_loss_or_a_layer_as_the_allocator_sees_it(tmp_pat
     assert held.peak == pytest.approx(activations.total(checkpointing=checkpointing), rel=0.1)
 
 
-def test_a_gguf_file_is_planned_from_its_header(shared_data):
+def test_a_gguf_file_is_planned_from_its_header():
     """SmolLM2-135M: a vocabulary of 85 x hidden, like Llama-3's and Gemma's, and tied embeddings."""
     from qlora_cli.plan import architecture_for
 
-    arch = architecture_for(str(shared_data / "models/smollm2-135m-instruct-gguf/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    arch = architecture_for("builtin:smollm2-135m-instruct")
     assert (arch.hidden, arch.layers, arch.heads, arch.kv_heads, arch.vocab) == (576, 30, 9, 3, 49152)
     assert arch.tied_embeddings and arch.head_dim == 64

