@@ -21,13 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BUILTIN = "builtin:"
-_VERSION = "v3"  # bump when an asset changes so stale caches are rebuilt
+_VERSION = "v4"  # bump when an asset changes so stale caches are rebuilt
 
 WORDS = [
     "apple", "river", "stone", "cloud", "tiger", "green", "music", "paper", "light", "house",
     "ocean", "bread", "chair", "dream", "flame", "glass", "honey", "lemon", "mouse", "zebra",
 ]  # fmt: skip
-DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
 def cache_dir() -> Path:
@@ -154,35 +153,25 @@ def materialize(key: str, build) -> Path:
 
 
 def demo_records(n: int, seed: int) -> list[dict[str, str]]:
-    """Short word and digit tasks that a tiny random model can learn through LoRA in a few hundred steps."""
+    """Three words to put in reverse order, answered in a sentence; all `n` records differ, so a held-out prompt is
+    never one trained on.
+
+    SmolLM2-135M-Instruct reverses none (it describes the task instead) and learns it in 40 QLoRA steps. The
+    answer is a sentence because that is how the base answers: trained on bare answers, it took to answering
+    general questions with a word of the question ("What is the capital of France?" -> "France").
+    """
     rng = random.Random(seed)
-
-    def words(k: int) -> list[str]:
-        return rng.sample(WORDS, k)
-
-    tasks = [
-        ("Repeat the words.", lambda w: " ".join(w), lambda w: " ".join(w)),
-        ("Reverse the order of the words.", lambda w: " ".join(w), lambda w: " ".join(reversed(w))),
-        ("What is the first word?", lambda w: " ".join(w), lambda w: w[0]),
-        ("What is the last word?", lambda w: " ".join(w), lambda w: w[-1]),
+    triples: dict[tuple[str, ...], None] = {}  # insertion-ordered, and n <= 20 * 19 * 18
+    while len(triples) < n:
+        triples[tuple(rng.sample(WORDS, 3))] = None
+    return [
+        {
+            "instruction": "Reverse the order of the words.",
+            "input": " ".join(words),
+            "output": f"The words in reverse order are: {' '.join(reversed(words))}.",
+        }
+        for words in triples
     ]
-    records = []
-    for _ in range(n):
-        kind = rng.randrange(len(tasks) + 1)
-        if kind == len(tasks):
-            digits = [rng.randrange(10) for _ in range(rng.randint(2, 4))]
-            records.append(
-                {
-                    "instruction": "Write the digits as words.",
-                    "input": " ".join(map(str, digits)),
-                    "output": " ".join(DIGITS[d] for d in digits),
-                }
-            )
-            continue
-        instruction, make_input, make_output = tasks[kind]
-        w = words(rng.randint(2, 4))
-        records.append({"instruction": instruction, "input": make_input(w), "output": make_output(w)})
-    return records
 
 
 def _write_demo_dataset(folder: Path) -> None:

@@ -601,6 +601,13 @@ def serve(
 def _print_summary(result) -> None:
     from qlora_cli.run_folder import CARD_FILE, REPORT_FILE
 
+    def clip(text: str, width: int, *, tail: bool = False) -> str:
+        """One line of about `width` characters, cut between words: a prompt keeps its end, a reply its start."""
+        text = " ".join(text.split())
+        if len(text) <= width:
+            return text
+        return "… " + text[-width:].partition(" ")[2] if tail else text[:width].rpartition(" ")[0] + " …"
+
     m = result.metrics
     lines = [
         f"Finished {m['steps']} steps in {m['runtime_s']:.0f} s: {m['training_s']:.0f} s training at "
@@ -615,6 +622,22 @@ def _print_summary(result) -> None:
             f"Exact match on {m['exact_match_samples']} held-out prompts: "
             f"{100 * m['exact_match_before']:.1f}% before -> {100 * m['exact_match_after']:.1f}% after finetuning"
         )
+    if "eval_loss_before" in m:
+        before, after = m["eval_loss_before"], m["eval_loss_after"]
+        lines.append(f"Held-out loss: {before:.3f} before -> {after:.3f} after finetuning")
+    if "knowledge_probes" in m:
+        n = m["knowledge_probes"]
+        lines.append(
+            f"General questions answered right: {m['knowledge_before']}/{n} before -> {m['knowledge_after']}/{n} after"
+        )
+        for lost in m["knowledge_lost"]:
+            lines.append(f"  lost: {lost['question']} {clip(lost['before'], 60)!r} -> {clip(lost['after'], 60)!r}")
+    if answers := m.get("held_out_answers"):
+        lines.append("Held-out prompts, answered before and after finetuning:")
+        for answer in answers:
+            lines.append(f"  {clip(answer['prompt'], 100, tail=True)}")
+            for label, key in [("expected", "expected"), ("base", "before"), ("finetuned", "after")]:
+                lines.append(f"    {label:<10} {clip(answer[key], 80)}")
     lines.append(f"Adapter saved to {result.output_dir}")
     lines.append(f"Report: {result.output_dir / REPORT_FILE}; model card: {result.output_dir / CARD_FILE}")
     typer.echo("\n".join(lines))

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from qlora_cli.errors import ConfigError, QloraError
 
@@ -165,12 +165,28 @@ class MmluEvalConfig(_Section):
     subjects: list[str] | None = Field(None, description="Only these subjects; default: all in the data.")
 
 
+NonBlank = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+
+
+class KnowledgeProbe(_Section):
+    question: NonBlank = Field(description="Asked in the dataset's prompt format.")
+    answer: NonBlank = Field(description="A reply that contains it (any case) is right.")
+
+
 class EvalConfig(_Section):
     mmlu: MmluEvalConfig | None = None
     exact_match_samples: int = Field(
-        0, ge=0, description="Greedy-generate N held-out examples before and after training; report exact match."
+        0, ge=0, description="Greedy-generate N held-out examples before and after training: exact match, three shown."
     )
-    max_new_tokens: int = Field(64, gt=0)
+    loss_before_after: bool = Field(
+        False, description="Evaluate the loss on the held-out split before and after training."
+    )
+    knowledge_probes: list[KnowledgeProbe] = Field(
+        default_factory=list,
+        description="General questions the base answers right, asked before and after training: what finetuning kept.",
+    )
+    max_new_tokens: int = Field(64, gt=0, description="Per generated answer: held-out examples and knowledge probes.")
+    batch_size: int = Field(8, gt=0, description="Prompts generated together for exact match and knowledge probes.")
 
 
 class Recipe(_Section):
@@ -191,6 +207,10 @@ class Recipe(_Section):
             )
         if self.training.fsdp and self.quantization.bits == 8:
             raise ValueError("FSDP cannot shard 8-bit (LLM.int8) weights: use quantization.bits=4 or 16")
+        if self.eval.loss_before_after and (self.training.fsdp or self.training.deepspeed):
+            raise ValueError(  # the loss before training is evaluated before the engine has wrapped the model
+                "eval.loss_before_after does not work with training.fsdp or training.deepspeed: use training.eval_steps"
+            )
         self._check_engines()
         return self
 

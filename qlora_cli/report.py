@@ -181,6 +181,15 @@ def result_rows(metrics: dict[str, Any] | None, history: list[dict[str, Any]]) -
             f"Exact match ({metrics['exact_match_samples']} held-out prompts)",
             f"{100 * metrics['exact_match_before']:.1f}% before -> {100 * metrics['exact_match_after']:.1f}% after",
         ))
+    if "eval_loss_before" in metrics:
+        before, after = metrics["eval_loss_before"], metrics["eval_loss_after"]
+        rows.append(("Held-out loss", f"{before:.4f} before -> {after:.4f} after"))
+    if "knowledge_probes" in metrics:
+        n = metrics["knowledge_probes"]
+        rows.append((
+            "General questions answered right (knowledge probes)",
+            f"{metrics['knowledge_before']}/{n} before -> {metrics['knowledge_after']}/{n} after",
+        ))
     for key in mmlu_keys(history):
         steps, values = series(history, key)
         rows.append((key, f"{100 * values[-1]:.2f}% (step {steps[-1]})"))

@@ -12,11 +12,13 @@ from typing import Any
 import yaml
 from transformers import set_seed
 
+from qlora_cli.adapter import prompt_format
 from qlora_cli.builtin import resolve_builtin_model
 from qlora_cli.config import Recipe, training_drift
 from qlora_cli.data import PreparedData, prepare_data
 from qlora_cli.distributed import announce_processes, join_processes
 from qlora_cli.errors import QloraError, refusing_pickled_code
+from qlora_cli.eval.exact_match import Questions
 from qlora_cli.guards import check_adapter, fingerprint
 from qlora_cli.memory import MemoryMeter
 from qlora_cli.plan import checkpointing_for_run
@@ -110,8 +112,9 @@ def _train(
         announce_processes(recipe.training, trainer.args.world_size)
         run.write_recipe(recipe.to_yaml())
 
-    held_out = _held_out(recipe, data)
-    before = _exact_match(recipe, loaded, held_out) if held_out else None
+    questions = _questions(recipe, data, loaded)
+    before = questions.ask(loaded) if questions else None
+    loss_before = _held_out_loss(recipe, trainer, data)
 
     initial = fingerprint(loaded.model)
     started = time.perf_counter()
@@ -126,10 +129,10 @@ def _train(
     metrics = _metrics(trainer, runtime)
     metrics |= {"compute_dtype": loaded.compute.name, "compute_dtype_reason": loaded.compute.reason}
     metrics |= {"gradient_checkpointing": checkpointing.on, "gradient_checkpointing_reason": checkpointing.reason}
-    if held_out:
-        metrics["exact_match_before"] = before
-        metrics["exact_match_after"] = _exact_match(recipe, loaded, held_out)
-        metrics["exact_match_samples"] = len(held_out[0])
+    if loss_before is not None:
+        metrics |= {"eval_loss_before": loss_before, "eval_loss_after": _held_out_loss(recipe, trainer, data)}
+    if questions:
+        metrics |= questions.metrics(before, questions.ask(loaded))
     # Under FSDP every rank takes part in gathering the sharded adapter; rank 0 alone writes it.
     state_dict = trainer.accelerator.get_state_dict(trainer.model) if t.fsdp else None
     if is_main:
@@ -240,19 +243,28 @@ def _metrics(trainer: QloraTrainer, runtime: float) -> dict[str, Any]:
     }
 
 
-def _held_out(recipe: Recipe, data: PreparedData) -> tuple[list[str], list[str]] | None:
-    n = recipe.eval.exact_match_samples
-    if not n or data.eval is None:
+def _questions(recipe: Recipe, data: PreparedData, loaded: LoadedModel) -> Questions | None:
+    """The first `eval.exact_match_samples` held-out examples and the knowledge probes; None when neither is asked."""
+    e = recipe.eval
+    held_out = data.eval.select(range(min(e.exact_match_samples, len(data.eval)))) if data.eval is not None else []
+    if not held_out and not e.knowledge_probes:
         return None
-    subset = data.eval.select(range(min(n, len(data.eval))))
-    return subset["source"], subset["target"]
+    return Questions(
+        sources=[row["source"] for row in held_out],
+        targets=[row["target"] for row in held_out],
+        probes=e.knowledge_probes,
+        prompt=prompt_format(recipe, loaded.tokenizer).prompt,
+        max_new_tokens=e.max_new_tokens,
+        batch_size=e.batch_size,
+    )
 
 
-def _exact_match(recipe: Recipe, loaded: LoadedModel, held_out: tuple[list[str], list[str]]) -> float:
-    from qlora_cli.eval.exact_match import exact_match
-
-    sources, targets = held_out
-    return exact_match(loaded, sources, targets, max_new_tokens=recipe.eval.max_new_tokens)
+def _held_out_loss(recipe: Recipe, trainer: QloraTrainer, data: PreparedData) -> float | None:
+    """The loss on the eval split, as `training.eval_steps` logs it (the log history that training starts afresh keeps
+    only the one after)."""
+    if not recipe.eval.loss_before_after or data.eval is None:
+        return None
+    return trainer.evaluate(eval_dataset=data.eval)["eval_loss"]
 
 
 def _announce(recipe: Recipe, loaded: LoadedModel, data: PreparedData) -> None:

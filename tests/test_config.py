@@ -117,6 +117,24 @@ def test_full_finetuning_of_a_quantized_base_is_refused(tmp_path):
     assert load_recipe(minimal(tmp_path, lora={"enabled": False}, quantization={"bits": 16})).lora.enabled is False
 
 
+def test_knowledge_probes_are_questions_with_answers(tmp_path):
+    probes = [{"question": " What is the capital of France? ", "answer": "Paris"}]
+    recipe = load_recipe(minimal(tmp_path, eval={"knowledge_probes": probes}))
+    probe = recipe.eval.knowledge_probes[0]
+    assert (probe.question, probe.answer) == ("What is the capital of France?", "Paris")
+    assert load_recipe(minimal(tmp_path)).eval.knowledge_probes == []
+    with pytest.raises(ConfigError, match="missing required key eval.knowledge_probes.0.answer"):
+        load_recipe(minimal(tmp_path, eval={"knowledge_probes": [{"question": "Why?"}]}))
+    with pytest.raises(ConfigError, match=r"knowledge_probes\.0\.answer: String should have at least 1 character"):
+        load_recipe(minimal(tmp_path, eval={"knowledge_probes": [{"question": "Why?", "answer": " "}]}))
+
+
+def test_the_loss_before_training_is_refused_under_a_sharding_engine(tmp_path):
+    with pytest.raises(ConfigError, match="eval.loss_before_after does not work with training.fsdp"):
+        load_recipe(minimal(tmp_path, eval={"loss_before_after": True}, training={"fsdp": True}))
+    assert load_recipe(minimal(tmp_path, eval={"loss_before_after": True})).eval.loss_before_after
+
+
 def test_extends_deep_merges_and_resolves_relative_to_the_file(tmp_path):
     (tmp_path / "base").mkdir()
     write(tmp_path / "base" / "common.yaml", {"model": {"name_or_path": "base-model"}, "lora": {"r": 8, "alpha": 4}})

@@ -22,7 +22,10 @@ QUICK = [
     "training.logging_steps=1",
     "data.eval_size=8",
     "data.max_train_samples=64",
+    "model.name_or_path=builtin:tiny-llama",
     "eval.exact_match_samples=0",
+    "eval.loss_before_after=false",
+    "eval.knowledge_probes=[]",
 ]
 
 
@@ -138,17 +141,67 @@ def test_evaluation_during_training_does_not_change_what_is_trained(cli, tmp_pat
     code, _, err = cli(
         "train", *common, f"output_dir={evaluated}", "training.eval_steps=2", "eval.exact_match_samples=4",
         "eval.max_new_tokens=4", f"eval.mmlu={{every_n_steps: 2, split: test, shots: 0, data: {hendrycks}}}",
+        "eval.loss_before_after=true", "eval.knowledge_probes=[{question: Repeat the words., answer: the}]",
     )  # fmt: skip
     assert code == 0, err
     assert "autograd kernel was not registered" not in err
     history = json.loads((evaluated / LOG_HISTORY_FILE).read_text())
-    assert sum("eval_loss" in e for e in history) == 3 and sum("mmlu_accuracy" in e for e in history) == 3
+    assert [e["step"] for e in history if "eval_loss" in e] == [2, 4, 6, 6]  # every 2 steps, and after training
+    assert sum("mmlu_accuracy" in e for e in history) == 3
     code, _, err = cli("train", *common, f"output_dir={plain}")
     assert code == 0, err
     with_eval, without = (load_file(run / "adapter_model.safetensors") for run in (evaluated, plain))
     assert with_eval.keys() == without.keys()
     for name, tensor in with_eval.items():
         torch.testing.assert_close(tensor, without[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_before_and_after_training_the_summary_shows_loss_knowledge_and_answers(tmp_path):
+    """The held-out loss, knowledge probes and three held-out answers: in metrics.json, printed, in the report."""
+    out = tmp_path / "out"
+    probes = '[{question: "What is the capital of France?", answer: Paris}, {question: Repeat the words., answer: e}]'
+    result = train(
+        out, "training.learning_rate=2e-3", "eval.exact_match_samples=4", "eval.max_new_tokens=4",
+        "eval.loss_before_after=true", f"eval.knowledge_probes={probes}",
+    )  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    before, after = metrics["eval_loss_before"], metrics["eval_loss_after"]
+    assert after < before, metrics
+    assert metrics["knowledge_probes"] == 2 and {metrics["knowledge_before"], metrics["knowledge_after"]} <= {0, 1, 2}
+    known = f"{metrics['knowledge_before']}/2 before -> {metrics['knowledge_after']}/2 after"
+    lines = result.stdout.splitlines()
+    assert f"Held-out loss: {before:.3f} before -> {after:.3f} after finetuning" in lines
+    assert f"General questions answered right: {known}" in lines
+    answers = metrics["held_out_answers"]
+    assert len(answers) == 3 and all(answer.keys() == {"prompt", "expected", "before", "after"} for answer in answers)
+    first = lines.index("Held-out prompts, answered before and after finetuning:") + 1
+    one_line = " ".join
+    for n, answer in enumerate(answers):
+        prompt, *replies = lines[first + 4 * n : first + 4 * n + 4]
+        assert prompt.startswith("  … ") and prompt.endswith(one_line(answer["prompt"].split())[-20:])
+        assert replies == [
+            f"    {label:<10} {one_line(answer[key].split())}"
+            for label, key in [("expected", "expected"), ("base", "before"), ("finetuned", "after")]
+        ]
+    report = (out / "report.md").read_text()
+    assert f"| Held-out loss | {before:.4f} before -> {after:.4f} after |" in report
+    assert f"| General questions answered right (knowledge probes) | {known} |" in report
+
+
+def test_a_knowledge_probe_is_right_when_the_reply_contains_its_answer_in_any_case():
+    from qlora_cli.config import KnowledgeProbe
+    from qlora_cli.eval.exact_match import Questions, Replies
+
+    asked = [("France?", "Paris"), ("Ocean?", "Pacific"), ("Red?", "Mars")]
+    probes = [KnowledgeProbe(question=question, answer=answer) for question, answer in asked]
+    questions = Questions(["2+2="], ["4"], probes, lambda text: text, max_new_tokens=8, batch_size=8)
+    before = Replies(["5"], ["The capital is paris.", "The Atlantic.", "Mars."])
+    after = Replies(["4"], ["Paris!", "the PACIFIC ocean", "Venus."])
+    metrics = questions.metrics(before, after)
+    assert (metrics["knowledge_before"], metrics["knowledge_after"], metrics["knowledge_probes"]) == (2, 2, 3)
+    assert metrics["knowledge_lost"] == [{"question": "Red?", "answer": "Mars", "before": "Mars.", "after": "Venus."}]
+    assert (metrics["exact_match_before"], metrics["exact_match_after"]) == (0.0, 1.0)
+    assert metrics["held_out_answers"] == [{"prompt": "2+2=", "expected": "4", "before": "5", "after": "4"}]
 
 
 # --------------------------------------------------------------------------- resuming with another recipe
