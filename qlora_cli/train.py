@@ -32,7 +32,7 @@ from qlora_cli.run_folder import (
     resume_checkpoint,
     resume_problems,
 )
-from qlora_cli.trainer import QloraTrainer, build_trainer
+from qlora_cli.trainer import HeldOutLossBeforeTraining, QloraTrainer, build_trainer
 
 
 @dataclass
@@ -114,7 +114,10 @@ def _train(
 
     questions = _questions(recipe, data, loaded)
     before = questions.ask(loaded) if questions else None
-    loss_before = _held_out_loss(recipe, trainer, data)
+    loss_before = None
+    if recipe.eval.loss_before_after and data.eval is not None:
+        loss_before = HeldOutLossBeforeTraining(trainer, data.eval)
+        trainer.add_callback(loss_before)
 
     initial = fingerprint(loaded.model)
     started = time.perf_counter()
@@ -129,8 +132,9 @@ def _train(
     metrics = _metrics(trainer, runtime)
     metrics |= {"compute_dtype": loaded.compute.name, "compute_dtype_reason": loaded.compute.reason}
     metrics |= {"gradient_checkpointing": checkpointing.on, "gradient_checkpointing_reason": checkpointing.reason}
-    if loss_before is not None:
-        metrics |= {"eval_loss_before": loss_before, "eval_loss_after": _held_out_loss(recipe, trainer, data)}
+    if loss_before is not None and loss_before.loss is not None:
+        after = trainer.evaluate(eval_dataset=data.eval)["eval_loss"]
+        metrics |= {"eval_loss_before": loss_before.loss, "eval_loss_after": after}
     if questions:
         metrics |= questions.metrics(before, questions.ask(loaded))
     # Under FSDP every rank takes part in gathering the sharded adapter; rank 0 alone writes it.
@@ -257,14 +261,6 @@ def _questions(recipe: Recipe, data: PreparedData, loaded: LoadedModel) -> Quest
         max_new_tokens=e.max_new_tokens,
         batch_size=e.batch_size,
     )
-
-
-def _held_out_loss(recipe: Recipe, trainer: QloraTrainer, data: PreparedData) -> float | None:
-    """The loss on the eval split, as `training.eval_steps` logs it (the log history that training starts afresh keeps
-    only the one after)."""
-    if not recipe.eval.loss_before_after or data.eval is None:
-        return None
-    return trainer.evaluate(eval_dataset=data.eval)["eval_loss"]
 
 
 def _announce(recipe: Recipe, loaded: LoadedModel, data: PreparedData) -> None:

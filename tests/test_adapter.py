@@ -7,6 +7,8 @@ from qlora_cli.config import ModelConfig, load_recipe
 from qlora_cli.errors import QloraError
 from tests.conftest import REPO
 
+TINY = "model.name_or_path=builtin:tiny-llama"
+
 
 def fake_adapter(folder, *, config=None, weights=True, recipe=False, tokenizer=False):
     folder.mkdir(parents=True)
@@ -18,7 +20,7 @@ def fake_adapter(folder, *, config=None, weights=True, recipe=False, tokenizer=F
 
         save_file({"base_model.model.w.lora_A.weight": torch.zeros(1)}, folder / "adapter_model.safetensors")
     if recipe:
-        (folder / "recipe.yaml").write_text(load_recipe(REPO / "configs/demo.yaml").to_yaml())
+        (folder / "recipe.yaml").write_text(load_recipe(REPO / "configs/demo.yaml", [TINY]).to_yaml())
     if tokenizer:
         (folder / "tokenizer_config.json").write_text("{}")
     return folder

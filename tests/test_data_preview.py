@@ -8,7 +8,8 @@ from tests.conftest import REPO, run_cli
 from tests.data_fixtures import write_jsonl
 
 DEMO = str(REPO / "configs" / "demo.yaml")
-SMALL = ("data.eval_size=8", "data.max_train_samples=16")
+TINY = "model.name_or_path=builtin:tiny-llama"  # a LLaMA tokenizer: <s> and </s> mark where BOS and EOS go
+SMALL = (TINY, "data.eval_size=8", "data.max_train_samples=16")
 
 
 def test_preview_json_prints_one_object_per_example(tmp_path):
@@ -43,7 +44,7 @@ def test_preview_of_a_chat_file_masks_all_but_the_assistant_reply(cli, tmp_path)
     talk = {"messages": [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "apple"}]}
     path = write_jsonl(tmp_path / "chat.jsonl", [talk] * 4)
     code, out, _ = cli(
-        "data", "preview", "-c", DEMO, "-n", "1", "data.dataset=messages", f"data.path={path}", "data.eval_size=0"
+        "data", "preview", "-c", DEMO, "-n", "1", TINY, "data.dataset=messages", f"data.path={path}", "data.eval_size=0"
     )
     assert code == 0, out
     assert "messages from" in out and "4 train and 0 eval examples" in out

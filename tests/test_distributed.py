@@ -30,7 +30,7 @@ DEMO = REPO / "configs" / "demo.yaml"
 # off to make a 2 x 2 run see exactly what a 1 x 4 run sees. fp32: in bf16 (auto on CPUs with AMX) a 2-row
 # and a 4-row batch round differently (the adapters differed by 3.2e-3 on a Xeon with AMX).
 TINY_RUN = [
-    "--config", str(DEMO), "training.max_steps=2", "training.save_steps=2", "training.logging_steps=1",
+    "--config", str(DEMO), "model.name_or_path=builtin:tiny-llama", "training.max_steps=2", "training.save_steps=2", "training.logging_steps=1",
     "data.max_train_samples=64", "data.eval_size=8", "eval.exact_match_samples=0",
     "lora.dropout=0", "training.group_by_length=false", "quantization.compute_dtype=fp32",
 ]  # fmt: skip

@@ -146,7 +146,7 @@ def test_evaluation_during_training_does_not_change_what_is_trained(cli, tmp_pat
     assert code == 0, err
     assert "autograd kernel was not registered" not in err
     history = json.loads((evaluated / LOG_HISTORY_FILE).read_text())
-    assert [e["step"] for e in history if "eval_loss" in e] == [2, 4, 6, 6]  # every 2 steps, and after training
+    assert [e["step"] for e in history if "eval_loss" in e] == [0, 2, 4, 6, 6]  # before, every 2 steps, after
     assert sum("mmlu_accuracy" in e for e in history) == 3
     code, _, err = cli("train", *common, f"output_dir={plain}")
     assert code == 0, err
