@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qlora_cli.config import ModelConfig, QuantizationConfig, Recipe
+from qlora_cli.config import BASE_CHANGING_INITS, ModelConfig, QuantizationConfig, Recipe
 from qlora_cli.data.formats import FORMATS, DatasetFormat
 from qlora_cli.errors import QloraError
 from qlora_cli.run_folder import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHT_FILES,
+    PLAIN_LORA_DIR,
     TOKENIZER_CONFIG_FILE,
     read_recipe,
     safetensors_problem,
@@ -49,6 +50,31 @@ class TrainedAdapter:
         if not name:
             raise QloraError(f"{self.path / ADAPTER_CONFIG_FILE} records no base model: pass the base model explicitly")
         return ModelConfig(name_or_path=name, tokenizer=tokenizer, revision=self.config.get("revision"))
+
+
+    def plain_lora(self) -> TrainedAdapter | None:
+        """Training's conversion of a PiSSA/OLoRA/LoftQ adapter to plain LoRA against the untouched base, if any."""
+        folder = self.path / PLAIN_LORA_DIR
+        if not (folder / ADAPTER_CONFIG_FILE).is_file():
+            return None
+        return TrainedAdapter(folder, json.loads((folder / ADAPTER_CONFIG_FILE).read_text()), self.recipe)
+
+    def needs(self) -> list[str]:
+        """What a LoRA loader must support beyond plain LoRA to load this adapter as trained."""
+        c = self.config
+        init = str(c.get("init_lora_weights", True)).split("_niter_")[0]
+        return [
+            feature
+            for feature, used in (
+                ("DoRA", c.get("use_dora")),
+                ("trained biases", c.get("bias", "none") != "none"),
+                ("rsLoRA scaling", c.get("use_rslora")),
+                ("trainable token rows", c.get("trainable_token_indices")),
+                ("fully trained embeddings", c.get("modules_to_save")),
+                (f"the base its {init} start changed", init in BASE_CHANGING_INITS),
+            )
+            if used
+        ]
 
 
 def read_adapter(path: str | Path) -> TrainedAdapter:

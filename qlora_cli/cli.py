@@ -32,6 +32,8 @@ chat_eval_app = typer.Typer(
     no_args_is_help=True,
 )
 eval_app.add_typer(chat_eval_app, name="chat")
+export_app = typer.Typer(help="A finished run for other runtimes: llama.cpp, Ollama.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Recipe YAML file.", show_default=False)]
 Overrides = Annotated[
@@ -496,6 +498,58 @@ def merge_adapter(
     base_model = chosen_model(base, gguf_file, option="--base")
     report = run_merge(MergeRequest(adapter, output, base_model, dtype, base_weights, device, overwrite, tolerance))
     typer.echo(report.summary())
+
+
+EXPORT_HELP = (
+    "Export a finished run as one GGUF file (llama.cpp, Ollama, LM Studio), with an Ollama Modelfile beside it.\n\n"
+    "The run is merged as merge-adapter merges it (fp32, nf4-roundtrip after 4-bit training, with its check), "
+    "given the chat template training laid prompts out with, and converted by llama.cpp's own converter "
+    "(installed apart on first use; see qlora export converter).\n\n"
+    "The file is read back: chat template, BOS/EOS and vocabulary must match the run's tokenizer, and its logits "
+    "(dequantized by transformers) must stay within --tolerance of the merged model's; otherwise exit 2 and "
+    "nothing is written. Greedy replies of both are printed side by side."
+)
+
+
+class OutType(str, Enum):
+    f32 = "f32"
+    f16 = "f16"
+    bf16 = "bf16"
+    q8_0 = "q8_0"
+
+
+@export_app.command("gguf", help=EXPORT_HELP)
+def export_gguf(
+    run: Annotated[Path, typer.Argument(help="A finished run's output_dir.", show_default=False)],
+    outtype: Annotated[OutType, typer.Option(help="Weight type in the file: f32, f16, bf16, or q8_0 (8-bit).")] = (
+        OutType.f16
+    ),
+    output: Annotated[
+        Optional[Path],
+        typer.Option("--output", "-o", help="Folder for the file, Modelfile and report.", show_default="RUN-OUTTYPE-gguf"),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier export in --output.")] = False,
+    tolerance: Annotated[
+        Optional[float],
+        typer.Option(
+            min=0.0,
+            help="Largest logit difference from the merged model to accept; over it nothing is written.",
+            show_default="0.001 for f32, 0.15 for f16, 0.6 for bf16, 3 for q8_0",
+        ),
+    ] = None,
+) -> None:
+    from qlora_cli.export import ExportRequest
+    from qlora_cli.export import export_gguf as run_export
+
+    typer.echo(run_export(ExportRequest(run, output, outtype.value, overwrite, tolerance)).summary())
+
+
+@export_app.command("converter")
+def export_converter() -> None:
+    """Install llama.cpp's converter now (the first export does it too; `make` does it for the tests)."""
+    from qlora_cli.export import CONVERTER, install_converter
+
+    typer.echo(f"{CONVERTER} in {install_converter()}")
 
 
 @app.command()

@@ -53,6 +53,9 @@ class QuantizationConfig(_Section):
         return cls(bits=4, quant_type=name)
 
 
+BASE_CHANGING_INITS = ("pissa", "olora", "loftq")
+
+
 class LoraConfig(_Section):
     enabled: bool = Field(True, description="false = full finetuning (needs quantization.bits=16).")
     r: int = Field(64, gt=0)
@@ -62,6 +65,55 @@ class LoraConfig(_Section):
         "all-linear", description="all-linear = every linear layer but the output head, found in the model."
     )
     bias: Literal["none", "all", "lora_only"] = "none"
+    dora: bool = Field(
+        False, description="DoRA: a trained magnitude per output row beside the direction LoRA learns; slower."
+    )
+    rslora: bool = Field(
+        False, description="rsLoRA: scale by alpha/sqrt(r), not alpha/r (retune alpha or the learning rate)."
+    )
+    init: Literal["default", "gaussian", "pissa", "olora", "loftq"] = Field(
+        "default",
+        description="How A and B start. default (A random, B zero) and gaussian keep the base as it is; pissa, olora "
+        "and loftq take r directions out of the 16-bit base into the adapter and quantize what remains.",
+    )
+    pissa_niter: int | None = Field(
+        None, gt=0, description="init=pissa: a randomized SVD with this many iterations instead of the full one."
+    )
+    loftq_iter: int = Field(1, gt=0, description="init=loftq: rounds of quantize, then fit the adapter to the error.")
+    trainable_tokens: list[str] = Field(
+        default_factory=list,
+        description="Tokens whose embedding (and head) rows train too; those the vocabulary lacks are added as "
+        "special tokens.",
+    )
+    train_embeddings: bool = Field(
+        False, description="Train the whole input embedding and output head (peft's modules_to_save)."
+    )
+
+    @property
+    def changes_base(self) -> bool:
+        """The adapter starts non-zero, so the base it trains against is the 16-bit base minus that start."""
+        return self.init in BASE_CHANGING_INITS
+
+    @model_validator(mode="after")
+    def _compatible(self) -> LoraConfig:
+        if self.pissa_niter is not None and self.init != "pissa":
+            raise ValueError(f"lora.pissa_niter applies to init=pissa, not init={self.init}")
+        if self.loftq_iter != 1 and self.init != "loftq":
+            raise ValueError(f"lora.loftq_iter applies to init=loftq, not init={self.init}")
+        if self.dora and self.changes_base:
+            raise ValueError(  # peft's conversion to plain LoRA subtracts B0 A0 and has no magnitude to carry
+                f"lora.dora with init={self.init}: the DoRA magnitude is taken from the base that {self.init} "
+                "changes, and the adapter could not be written as plain LoRA against the untouched base"
+            )
+        if self.changes_base and (self.trainable_tokens or self.train_embeddings):
+            raise ValueError(
+                f"lora.init={self.init} with trained embedding rows: its plain LoRA conversion keeps only A and B"
+            )
+        if self.trainable_tokens and self.train_embeddings:
+            raise ValueError("lora.train_embeddings already trains every row: drop lora.trainable_tokens")
+        if len(set(self.trainable_tokens)) != len(self.trainable_tokens) or "" in self.trainable_tokens:
+            raise ValueError("lora.trainable_tokens must be distinct, non-empty tokens")
+        return self
 
 
 class DataConfig(_Section):
@@ -76,6 +128,11 @@ class DataConfig(_Section):
     eval_size: int = Field(1024, ge=0, description="Held out from train when the dataset has no eval split.")
     max_train_samples: int | None = Field(None, gt=0)
     max_eval_samples: int | None = Field(None, gt=0)
+    packing: bool = Field(
+        False,
+        description="Pack several training examples into each row (batch_size then counts rows); decoder-only models.",
+    )
+    max_packed_len: int = Field(2048, gt=0, description="Tokens a packed row holds at most.")
 
     @model_validator(mode="after")
     def _known_dataset(self) -> DataConfig:
@@ -115,6 +172,12 @@ class TrainingConfig(_Section):
         default_factory=lambda: ["none"], description="Experiment trackers; wandb and mlflow are optional extras."
     )
     max_bad_steps: int = Field(0, ge=0, description="Non-finite losses tolerated before the run stops.")
+    loss: Literal["auto", "chunked", "fused", "plain"] = Field(
+        "auto",
+        description="The head + cross-entropy over the vocabulary. chunked: a few positions at a time, never all "
+        "their fp32 logits at once; fused: Liger's kernel (CUDA, the liger extra); plain: the model's own. "
+        "auto = fused where it can run, else chunked where the head is a plain linear layer, else plain.",
+    )
     fsdp: bool = False
     deepspeed: str | None = None
 
@@ -207,17 +270,35 @@ class Recipe(_Section):
             )
         if self.training.fsdp and self.quantization.bits == 8:
             raise ValueError("FSDP cannot shard 8-bit (LLM.int8) weights: use quantization.bits=4 or 16")
-        if self.eval.loss_before_after and (self.training.fsdp or self.training.deepspeed):
-            raise ValueError(  # the loss before training is evaluated before the engine has wrapped the model
-                "eval.loss_before_after does not work with training.fsdp or training.deepspeed: use training.eval_steps"
-            )
+        self._check_lora()
         self._check_engines()
         return self
+
+    def _check_lora(self) -> None:
+        lora, bits = self.lora, self.quantization.bits
+        if not lora.enabled:
+            return
+        if lora.init == "loftq" and bits != 4:
+            raise ValueError(f"lora.init=loftq fits the adapter to 4-bit quantization error; this base is {bits}-bit")
+        if lora.changes_base and bits == 8:
+            raise ValueError(
+                f"lora.init={lora.init} re-quantizes the base, which 8-bit (LLM.int8) loading cannot: use 4 or 16 bits"
+            )
+        if lora.changes_base and (self.training.fsdp or self.training.deepspeed):
+            raise ValueError(
+                f"lora.init={lora.init} rebuilds the whole base in each process; sharding engines are not supported"
+            )
 
     def _check_engines(self) -> None:
         t, q = self.training, self.quantization
         if t.fsdp and t.deepspeed:
             raise ValueError("training.fsdp and training.deepspeed are two sharding engines: choose one")
+        if t.loss in ("chunked", "fused") and (t.fsdp or t.deepspeed):
+            engine = "training.fsdp" if t.fsdp else "training.deepspeed"
+            raise ValueError(  # the loss multiplies by the head's weight, which each process holds only a shard of
+                f"training.loss={t.loss} needs the whole output head on every process, and {engine} shards it: "
+                "use training.loss=plain (auto picks it there)"
+            )
         declared = None if q.compute_dtype == "auto" else q.compute_dtype  # auto: the machine decides (preflight)
         problem = fsdp_storage_problem(q, declared) if t.fsdp else None
         if problem:
@@ -254,6 +335,7 @@ NOT_TRAINING = (
     "training.report_to",
     "training.max_bad_steps",
     "training.gradient_checkpointing",
+    "training.loss",  # the same loss and gradients (to rounding), computed holding less
 )
 
 

@@ -17,6 +17,7 @@ from qlora_cli.adapter import prompt_format, read_adapter
 from qlora_cli.config import ModelConfig, QuantizationConfig, load_recipe
 from qlora_cli.data.formats import ChatRenderer, DatasetFormat, template_conversation
 from qlora_cli.errors import QloraError, read_text
+from qlora_cli.gguf import split_gguf_path
 from qlora_cli.model import LoadedModel, load_for_inference
 from qlora_cli.run_folder import read_recipe
 
@@ -162,8 +163,9 @@ def load_generator(
             compute_dtype=compute_dtype,
         )
     elif model:
-        if recipe is None and Path(model.name_or_path).is_dir():
-            recipe = read_recipe(Path(model.name_or_path))
+        folder = Path(split_gguf_path(model.name_or_path, model.gguf_file)[0])  # a GGUF file: the folder it is in
+        if recipe is None and folder.is_dir():
+            recipe = read_recipe(folder)  # beside a merged model, or a GGUF file `qlora export gguf` wrote
         trust = bool(recipe and recipe.model.trust_remote_code)
         loaded = load_for_inference(
             model.model_copy(update={"trust_remote_code": trust}), QuantizationConfig(bits=16), device=device,

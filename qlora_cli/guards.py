@@ -73,21 +73,12 @@ class NonFiniteLossGuard(TrainerCallback):
         self.bad_steps: list[int] = []
         self.stopped_at: int | None = None
         self._finite: torch.Tensor | None = None  # stays on the device: one sync per step, not per micro-batch
-        self._hook: Any = None
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        self._hook = model.register_forward_hook(self._watch_loss)
-
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-
-    def _watch_loss(self, module: Any, inputs: Any, output: Any) -> None:
-        loss = getattr(output, "loss", None)
-        if module.training and isinstance(loss, torch.Tensor):
-            finite = torch.isfinite(loss.detach()).all()
-            self._finite = finite if self._finite is None else self._finite & finite
+    def watch(self, loss: torch.Tensor) -> None:
+        """Each training micro-batch's loss, as QloraTrainer.compute_loss computed it: from the model's output or
+        from the chunked loss over its hidden states (where the model's output holds no loss)."""
+        finite = torch.isfinite(loss.detach()).all()
+        self._finite = finite if self._finite is None else self._finite & finite
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         bad = any_rank(self._finite is not None and not bool(self._finite), args.device)

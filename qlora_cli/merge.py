@@ -31,6 +31,7 @@ from typing import Any, Iterator, Literal
 import torch
 
 from qlora_cli.adapter import TrainedAdapter, prompt_format, read_adapter
+from qlora_cli.adapter_init import round_trip
 from qlora_cli.config import DataConfig, ModelConfig, QuantizationConfig
 from qlora_cli.data.tokenize import tokenize_example
 from qlora_cli.errors import QloraError
@@ -180,6 +181,8 @@ def _validate(request: MergeRequest) -> tuple[TrainedAdapter, BaseWeights, str]:
         raise QloraError(f"{adapter.path} is a {adapter.config.get('peft_type')} adapter: only LoRA can be merged")
     bits = adapter.quantization.bits
     base_weights = request.base_weights or ("nf4-roundtrip" if bits == 4 else "original")
+    if base_weights == "original" and (plain := adapter.plain_lora()):
+        adapter = plain  # PiSSA/OLoRA/LoftQ written as plain LoRA: the untouched base, not the one their start changed
     if base_weights == "nf4-roundtrip" and bits != 4:
         raise QloraError(
             f"{adapter.path} was trained on a {bits}-bit base, so there is no 4-bit base to reproduce: "
@@ -253,18 +256,11 @@ def _quantized_weights(model: Any) -> dict[str, _QuantSpec]:
 @torch.no_grad()
 def _round_trip_in_place(model: Any, quantized: dict[str, _QuantSpec]) -> None:
     """Replace each weight that training saw in 4 bits by its NF4 reconstruction, one layer at a time."""
-    import bitsandbytes.functional as bnbf
-
     modules = dict(model.named_modules())
     for name, spec in quantized.items():
         weight = modules[name].weight
-        packed, state = bnbf.quantize_4bit(
-            weight.data.to(spec.dtype).contiguous(),
-            blocksize=spec.blocksize,
-            compress_statistics=spec.double_quant,
-            quant_type=spec.quant_type,
-        )
-        weight.data.copy_(bnbf.dequantize_4bit(packed, state))
+        spec_args = {"blocksize": spec.blocksize, "quant_type": spec.quant_type, "double_quant": spec.double_quant}
+        weight.data.copy_(round_trip(weight.data.to(spec.dtype), **spec_args))
 
 
 # --------------------------------------------------------------------------- the check
@@ -281,6 +277,11 @@ def _check_logits(loaded: LoadedModel, adapter: TrainedAdapter) -> list[torch.Te
             inputs = loaded.kind.forward_inputs(example, loaded.device)
             logits.append(loaded.model(**inputs).logits.float().cpu())
     return logits
+
+
+def check_logits(loaded: LoadedModel, adapter: TrainedAdapter) -> list[torch.Tensor]:
+    """The logits the merge check compares, for checks of the same model in another form (`qlora export gguf`)."""
+    return _check_logits(loaded, adapter)
 
 
 def _logits_with_and_without_adapter(

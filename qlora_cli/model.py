@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import sys
+import warnings
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from qlora_cli.adapter_init import (
+    lora_scale,
+    loftq_start,
+    read_base_change,
+    rebuild_base,
+    residual,
+    round_trip,
+    set_weight,
+    write_base_change,
+)
 from qlora_cli.builtin import resolve_builtin_model
 from qlora_cli.config import LoraConfig, ModelConfig, QuantizationConfig, Recipe
 from qlora_cli.data.tokenize import PaddingCollator
@@ -18,7 +32,7 @@ from qlora_cli.gguf import dequantized_folder, split_gguf_path
 from qlora_cli.dropout import use_cpu_dropout
 from qlora_cli.kernels import bf16_matmul_slowdown, bf16_matrix_units, choose_cpu_kernel, onednn_isa_cap
 from qlora_cli.model_kind import ModelKind, kind_of
-from qlora_cli.run_folder import ADAPTER_CONFIG_FILE, has_adapter
+from qlora_cli.run_folder import ADAPTER_CONFIG_FILE, has_adapter, staged_folder
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COMPUTE_DTYPE_SETTING = "quantization.compute_dtype"  # where a recipe sets it; inference commands: --compute-dtype
@@ -125,6 +139,7 @@ class LoadedModel:
     compute: ComputeDtype
     source: str  # the resolved folder or hub id
     cpu_kernel: str | None  # how 4-bit layers multiply on the CPU (qlora_cli.kernels); None: no 4-bit layers
+    base_changed_by: str | None = None  # an adapter whose start changed the base (qlora_cli.adapter_init)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -163,13 +178,17 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     return tokenizer
 
 
-def model_kind(cfg: ModelConfig) -> ModelKind:
-    """From the model's config alone, without loading any weights."""
+def model_config(cfg: ModelConfig) -> Any:
+    """The transformers config: what can be checked before any weight is loaded."""
     from transformers import AutoConfig
 
-    source = model_source(cfg)
     common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
-    return kind_of(_from_pretrained(AutoConfig.from_pretrained, source, "model", **common))
+    return _from_pretrained(AutoConfig.from_pretrained, model_source(cfg), "model", **common)
+
+
+def model_kind(cfg: ModelConfig) -> ModelKind:
+    """From the model's config alone, without loading any weights."""
+    return kind_of(model_config(cfg))
 
 
 def load_model(
@@ -189,7 +208,6 @@ def load_model(
     kernel where it computes what the model would (qlora_cli.kernels); training, scoring and merge checks never do.
     """
     import transformers
-    from transformers import AutoConfig
 
     device = device or device_for_process()
     source = model_source(cfg)
@@ -198,8 +216,7 @@ def load_model(
         print(f"warning: {warning}", file=sys.stderr)
     compute_dtype = compute.dtype
     common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
-    model_config = _from_pretrained(AutoConfig.from_pretrained, source, "model", **common)
-    kind = kind_of(model_config)
+    kind = kind_of(model_config(cfg))
     auto_class = getattr(transformers, kind.auto_class)
     kwargs: dict[str, Any] = {
         **common,
@@ -212,10 +229,13 @@ def load_model(
     model = _from_pretrained(auto_class.from_pretrained, source, "model", **kwargs)
     tokenizer = load_tokenizer(cfg)
     ensure_pad_token(tokenizer, model)
+    fit_embeddings(tokenizer, model)
     cpu_kernel = choose_cpu_kernel(model, compute_dtype, device, inference=generation and not for_training)
     if not for_training:
         model.eval()
     else:
+        # A cache in a training forward would also turn off transformers' isolation of packed documents.
+        model.config.use_cache = False
         if quant.bits in (4, 8) and not fsdp:  # FSDP shards the base in its storage dtype: no fp32 upcast
             from peft import prepare_model_for_kbit_training
 
@@ -245,23 +265,45 @@ def load_for_inference(
         quant, setting = quant.model_copy(update={"compute_dtype": compute_dtype}), "--compute-dtype"
     loaded = load_model(cfg, quant, device=device, for_training=False, generation=generation, compute_setting=setting)
     if adapter is not None:
-        attach_adapter(loaded, adapter)
+        attach_adapter(loaded, adapter, base=cfg)
     print(f"{loaded.source}: computing in {loaded.compute.name} ({loaded.compute.reason})", file=sys.stderr)
     return loaded
 
 
-def attach_adapter(loaded: LoadedModel, adapter: str | os.PathLike, name: str = "default") -> None:
-    """Load a trained LoRA adapter onto `loaded` under `name` (a second one sits beside the first), in eval mode."""
-    from peft import PeftModel
+def attach_adapter(
+    loaded: LoadedModel, adapter: str | os.PathLike, name: str = "default", *, base: ModelConfig | None = None
+) -> None:
+    """Load a trained LoRA adapter onto `loaded` under `name` (a second one sits beside the first), in eval mode.
+
+    An adapter whose start changed the base (PiSSA, OLoRA, LoftQ) first has that base rebuilt from the 16-bit
+    weights of `base`; it cannot share the base with another adapter.
+    """
+    from peft import PeftConfig, PeftModel
 
     if not has_adapter(adapter):
         raise QloraError(f"{adapter} is not a PEFT adapter folder (no {ADAPTER_CONFIG_FILE})")
+    change = read_base_change(Path(adapter))
+    if (change or loaded.base_changed_by) and isinstance(loaded.model, PeftModel):
+        changed = f"{adapter} ({change.init})" if change else loaded.base_changed_by
+        raise QloraError(
+            f"adapter {changed} was trained on a base its start changed, so it cannot share a base with another "
+            "adapter: load it alone, or its conversion to plain LoRA"
+        )
+    config = None
+    if change:
+        rebuild_base(loaded.model, _sixteen_bit_base(loaded, base), change)
+        loaded.base_changed_by = f"{adapter} ({change.init})"
+        # The base is rebuilt: peft must not take the start out of it again (nor want LoftQ's CUDA-only setup).
+        saved = json.loads((Path(adapter) / ADAPTER_CONFIG_FILE).read_text())
+        config = PeftConfig.from_peft_type(**{**saved, "init_lora_weights": True})
     with refusing_pickled_code(adapter):
         try:
             if isinstance(loaded.model, PeftModel):
                 loaded.model.load_adapter(str(adapter), adapter_name=name, is_trainable=False)
             else:
-                loaded.model = PeftModel.from_pretrained(loaded.model, str(adapter), adapter_name=name, is_trainable=False)
+                loaded.model = PeftModel.from_pretrained(
+                    loaded.model, str(adapter), adapter_name=name, is_trainable=False, config=config
+                )
         except torch.OutOfMemoryError:
             raise
         except (ValueError, RuntimeError) as exc:  # no matching modules / size mismatch
@@ -350,13 +392,20 @@ def linear_module_names(model: Any) -> list[str]:
     return sorted(names - head_names)
 
 
-def add_lora(model: Any, cfg: LoraConfig, *, kind: ModelKind) -> Any:
+def add_lora(model: Any, cfg: LoraConfig, *, kind: ModelKind, tokenizer: Any = None) -> Any:
+    """LoRA as `cfg` says; a start that changes the base (lora.init pissa/olora/loftq) is `start_from_16bit`'s."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import TaskType, get_peft_model
 
     targets = linear_module_names(model) if cfg.target_modules == "all-linear" else cfg.target_modules
     if not targets:
         raise QloraError("found no linear layers to put LoRA on; set lora.target_modules explicitly")
+    tokens: Any = None
+    if cfg.trainable_tokens:
+        if tokenizer is None:
+            raise QloraError("lora.trainable_tokens needs the tokenizer to find the tokens' rows")
+        ids = add_tokens(tokenizer, model, cfg.trainable_tokens)
+        tokens = ids if _tied(model) else dict.fromkeys(_embedding_names(model), ids)  # tied: peft does the head
     peft_config = PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -364,6 +413,12 @@ def add_lora(model: Any, cfg: LoraConfig, *, kind: ModelKind) -> Any:
         target_modules=targets,
         bias=cfg.bias,
         task_type=TaskType(kind.peft_task_type),
+        use_dora=cfg.dora,
+        use_rslora=cfg.rslora,
+        init_lora_weights="gaussian" if cfg.init == "gaussian" else True,
+        trainable_token_indices=tokens,
+        modules_to_save=list(_embedding_names(model)) if cfg.train_embeddings else None,
+        ensure_weight_tying=cfg.train_embeddings and _tied(model),
     )
     try:
         model = get_peft_model(model, peft_config)
@@ -371,6 +426,109 @@ def add_lora(model: Any, cfg: LoraConfig, *, kind: ModelKind) -> Any:
         raise QloraError(f"lora.target_modules: {exc}") from None
     use_cpu_dropout(model)
     return model
+
+
+def add_tokens(tokenizer: Any, model: Any, tokens: list[str]) -> list[int]:
+    """The tokens' ids; those the vocabulary lacks are added as special tokens, their rows starting at the mean."""
+    new = [token for token in tokens if token not in tokenizer.get_vocab()]
+    if new:
+        tokenizer.add_tokens(new, special_tokens=True)
+        fit_embeddings(tokenizer, model, mean_resizing=True)
+    return tokenizer.convert_tokens_to_ids(tokens)
+
+
+def fit_embeddings(tokenizer: Any, model: Any, *, mean_resizing: bool = False) -> None:
+    """Grow the embeddings to a tokenizer with tokens added in training (their trained rows come with the adapter)."""
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=mean_resizing)
+
+
+def _embedding_names(model: Any) -> tuple[str, str]:
+    """Leaf names of the input embedding and the output head, as peft's module lists take them."""
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    names = {id(module): name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    return names[id(embed)], names[id(head)]
+
+
+def _tied(model: Any) -> bool:
+    return model.get_input_embeddings().weight is model.get_output_embeddings().weight
+
+
+def start_from_16bit(loaded: LoadedModel, cfg: ModelConfig, lora: LoraConfig, folder: Path | None) -> None:
+    """lora.init pissa/olora/loftq (qlora_cli.adapter_init) on `loaded`, already wrapped by `add_lora`.
+
+    Each layer's start comes from its 16-bit weight (a 16-bit copy on the CPU when the base is quantized), the
+    residual replaces the layer's weight, quantized as it was; the start and the residual norms go to `folder`
+    (None: another process records them).
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+
+    peft_model = loaded.model
+    base16 = _sixteen_bit_base(loaded, cfg)
+    originals = dict(base16.named_modules())
+    scale = lora_scale(lora)
+    init = f"pissa_niter_{lora.pissa_niter}" if lora.pissa_niter else lora.init
+    method = None  # LoftQ: ours (peft's config would want scipy, and its initialisation CUDA)
+    if lora.init != "loftq":  # PiSSA and OLoRA: peft's own
+        method = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, use_rslora=lora.rslora, init_lora_weights=init)
+    residuals = {}
+    with torch.no_grad():
+        for name, layer in peft_model.base_model.model.named_modules():
+            if not isinstance(layer, LoraLayer):
+                continue
+            weight = originals[name].weight.detach()
+            if method is None:  # LoftQ: quantized as this layer was
+                q = layer.get_base_layer().weight
+                quantize = partial(
+                    round_trip, blocksize=q.blocksize, quant_type=q.quant_type, double_quant=q.compress_statistics
+                )
+                a, b = loftq_start(weight, lora.r, scale, lora.loftq_iter, quantize)
+            else:  # peft's own PiSSA / OLoRA, on a throwaway layer holding a copy of the 16-bit weight
+                copy = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+                copy.weight.data.copy_(weight)
+                start = LoraLinear(copy, "start", config=method, r=lora.r, lora_alpha=lora.alpha)
+                a, b = start.lora_A["start"].weight.detach().float(), start.lora_B["start"].weight.detach().float()
+            residuals[name] = residual(weight, a, b, scale)
+            layer.lora_A["default"].weight.copy_(a)
+            layer.lora_B["default"].weight.copy_(b)
+    for name, weight in residuals.items():
+        set_weight(_base_layer(peft_model, name), weight)
+    if folder is not None:
+        with staged_folder(folder) as staged:
+            peft_model.save_pretrained(staged)  # the start as a plain adapter (init True): peft's conversion reads it
+            write_base_change(staged, lora.init, scale, residuals)
+    peft_model.peft_config["default"].init_lora_weights = init  # what peft's own loaders need to know
+
+
+def save_as_plain_lora(peft_model: Any, start: Path, folder: Path) -> None:
+    """peft's conversion: B A - B0 A0 as a rank-2r LoRA against the untouched base, which any LoRA loader takes."""
+    with staged_folder(folder) as staged, warnings.catch_warnings():
+        # peft loads the start beside the trained adapter to subtract it (the same way for LoftQ's start)
+        warnings.filterwarnings("ignore", message=".*(only works for converting|changes the base weights)")
+        peft_model.save_pretrained(staged, path_initial_model_for_weight_conversion=str(start))
+
+
+def _base_layer(peft_model: Any, name: str) -> Any:
+    return peft_model.base_model.model.get_submodule(name).get_base_layer()
+
+
+def _sixteen_bit_base(loaded: LoadedModel, cfg: ModelConfig | None) -> Any:
+    """The base's 16-bit weights as its loader saw them before quantizing (the compute dtype), on the CPU."""
+    model = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
+    if not _quantized(model):
+        return model
+    if cfg is None:
+        raise QloraError("the adapter's start changed its base: rebuilding that base needs the 16-bit base model")
+    copy = QuantizationConfig(bits=16, compute_dtype=loaded.compute.name)
+    return load_model(cfg, copy, device="cpu", for_training=False).model
+
+
+def _quantized(model: Any) -> bool:
+    import bitsandbytes as bnb
+
+    return any(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in model.modules())
 
 
 def computes_logits_where_asked(model: Any) -> bool:

@@ -11,7 +11,7 @@ from typing import Any, Iterable
 from qlora_cli.config import Recipe
 from qlora_cli.model_kind import ModelKind
 from qlora_cli.report import hub_dataset, markdown_table, recipe_rows, result_rows
-from qlora_cli.run_folder import CARD_FILE
+from qlora_cli.run_folder import CARD_FILE, PLAIN_LORA_DIR
 
 PAPER = "https://arxiv.org/abs/2305.14314"
 _TORCH_DTYPES = {"auto": "torch.bfloat16", "bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.float32"}
@@ -116,9 +116,20 @@ def _snippet(folder: Path, recipe: Recipe, kind: ModelKind) -> str:
         f"{loading}"
         '    device_map="auto",\n'
         ")\n"
-        f'model = PeftModel.from_pretrained(base, "{where}")  # or the adapter\'s hub id once pushed\n'
+        f"{_adapter_line(folder, recipe)}"
         f'tokenizer = AutoTokenizer.from_pretrained("{where}")\n'
     )
+
+
+def _adapter_line(folder: Path, recipe: Recipe) -> str:
+    """A PiSSA/OLoRA/LoftQ adapter fits only the base its start changed: peft loads its plain-LoRA conversion."""
+    if recipe.lora.changes_base:
+        return (
+            f"# lora.init={recipe.lora.init} changed the base this adapter trained on; its conversion to plain LoRA\n"
+            f"# fits the untouched base (`qlora generate --adapter {folder}` rebuilds the base it trained on)\n"
+            f'model = PeftModel.from_pretrained(base, "{folder / PLAIN_LORA_DIR}")\n'
+        )
+    return f'model = PeftModel.from_pretrained(base, "{folder}")  # or the adapter\'s hub id once pushed\n'
 
 
 def _prompt_example(recipe: Recipe) -> str:

@@ -5,6 +5,7 @@ block constants, embeddings / head / norms upcast to fp32 by `prepare_model_for_
 adapters kept in fp32 by peft, and the tensors autograd saves for a LLaMA layer under transformers 5
 (counted with `saved_tensors_hooks`, see tests/test_plan.py). scripts/bench_memory.py checks the
 prediction against measured peaks. `qlora train` asks it whether `gradient_checkpointing: auto` is needed.
+The loss over the vocabulary is counted for the path the run takes (qlora_cli/loss.py).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from qlora_cli.config import ModelConfig, QuantizationConfig, Recipe
+from qlora_cli.config import LoraConfig, ModelConfig, QuantizationConfig, Recipe
 from qlora_cli.errors import QloraError
+from qlora_cli.loss import choose_loss, rows_per_chunk
 
 GIB = 2**30
 BLOCK_SIZE = 64  # bitsandbytes 4-bit: one absmax per 64 weights
@@ -45,6 +47,7 @@ class Architecture:
     head_dim: int = 0  # 0: hidden // heads
     tied_embeddings: bool = False
     hub_ids: tuple[str, ...] = ()
+    model_type: str = "llama"  # transformers' name: which loss paths its head allows
 
     @property
     def attention_width(self) -> int:
@@ -166,6 +169,7 @@ def architecture_from_config(config: Any, name: str) -> Architecture:
         vocab=config.vocab_size,
         head_dim=getattr(config, "head_dim", None) or 0,
         tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        model_type=model_type,
     )
 
 
@@ -260,12 +264,15 @@ class MemoryPlan:
     compute_reason: str
     batch_size: int
     seq_len: int
+    packed: bool  # data.packing: batch_size counts rows of seq_len tokens
     num_processes: int
     fsdp: bool
     auto_checkpointing: bool  # training.gradient_checkpointing=auto: planned as on, decided by `qlora train`
     lora_r: int
     lora_modules: tuple[str, ...]
     optim: str
+    loss: str  # the loss path over the vocabulary: plain, chunked or fused
+    loss_reason: str
     estimates: tuple[Estimate, ...]
 
     def to_dict(self, budget: int | None = None) -> dict[str, Any]:
@@ -326,12 +333,16 @@ def plan_memory(recipe: Recipe, arch: Architecture, *, device: str = "cuda", num
     if num_processes < 1:
         raise QloraError(f"--num-processes must be at least 1, not {num_processes}")
     modules = lora_modules(recipe)
-    seq_len = recipe.data.source_max_len + recipe.data.target_max_len
+    # a packed row is planned full: best-fit decreasing fills rows to within a few tokens (qlora data preview)
+    data = recipe.data
+    seq_len = data.max_packed_len if data.packing else data.source_max_len + data.target_max_len
     compute_dtype, compute_reason = planned_compute_dtype(recipe.quantization, device)
+    loss = choose_loss(recipe, arch.model_type, encoder_decoder=False, device=device)
     estimates = tuple(
-        _estimate(setup, recipe, arch, modules, device=device, seq_len=seq_len, num_processes=num_processes)
+        _estimate(setup, recipe, arch, modules, device=device, seq_len=seq_len, num_processes=num_processes,
+                  loss=loss.name)
         for setup in setups_for(recipe)
-    )
+    )  # fmt: skip
     return MemoryPlan(
         arch=arch,
         device=device,
@@ -340,19 +351,22 @@ def plan_memory(recipe: Recipe, arch: Architecture, *, device: str = "cuda", num
         compute_reason=compute_reason,
         batch_size=recipe.training.batch_size,
         seq_len=seq_len,
+        packed=recipe.data.packing,
         num_processes=num_processes,
         fsdp=recipe.training.fsdp and num_processes > 1,
         auto_checkpointing=recipe.training.gradient_checkpointing == "auto",
         lora_r=recipe.lora.r,
         lora_modules=modules,
         optim=recipe.training.optim,
+        loss=loss.name,
+        loss_reason=loss.reason,
         estimates=estimates,
     )
 
 
 def _estimate(
     setup: Setup, recipe: Recipe, arch: Architecture, modules: tuple[str, ...], *, device: str, seq_len: int,
-    num_processes: int,
+    num_processes: int, loss: str,
 ) -> Estimate:  # fmt: skip
     c = compute_bytes_for(setup.quant, device)
     quantized = setup.quant.bits in (4, 8)
@@ -363,7 +377,7 @@ def _estimate(
         base = int(arch.layers * linear_bits / 8) + 4 * arch.other_params
     else:
         base = c * arch.params
-    tensors = _trainable_tensors(arch, recipe.lora.r, modules) if setup.lora else _model_tensors(arch)
+    tensors = _trainable_tensors(arch, recipe.lora, modules) if setup.lora else _model_tensors(arch)
     trainable = sum(tensors)
     lora_weights = 4 * trainable if setup.lora else 0  # peft keeps adapters in fp32 whatever the base
     gradients = 4 * trainable if setup.lora else c * trainable
@@ -385,7 +399,7 @@ def _estimate(
         gradients *= 2
 
     tokens = recipe.training.batch_size * seq_len
-    act = Activations(arch, setup, recipe, modules, c=c, residual=4 if quantized else c, tokens=tokens)
+    act = Activations(arch, setup, recipe, modules, c=c, residual=4 if quantized else c, tokens=tokens, loss=loss)
     return Estimate(
         label=setup.label,
         base_weights=base,
@@ -401,10 +415,16 @@ def _estimate(
     )
 
 
-def _trainable_tensors(arch: Architecture, r: int, modules: tuple[str, ...]) -> list[int]:
-    """Element counts of every LoRA A (r x in) and B (out x r) matrix."""
+def _trainable_tensors(arch: Architecture, lora: LoraConfig, modules: tuple[str, ...]) -> list[int]:
+    """Element counts of every LoRA A (r x in) and B (out x r) matrix, DoRA's magnitudes (one per output), and the
+    embedding rows that lora.trainable_tokens or lora.train_embeddings train (the head's too, when not tied)."""
     layer = arch.linears()
-    return [r * n for m in modules for n in layer[m]] * arch.layers
+    per_layer = [lora.r * n for m in modules for n in layer[m]]
+    if lora.dora:
+        per_layer += [layer[m][1] for m in modules]
+    rows = arch.vocab if lora.train_embeddings else len(lora.trainable_tokens)
+    embeddings = [rows * arch.hidden] * (1 if arch.tied_embeddings else 2) if rows else []
+    return per_layer * arch.layers + embeddings
 
 
 def _model_tensors(arch: Architecture) -> list[int]:
@@ -432,6 +452,7 @@ class Activations:
     c: int  # compute dtype bytes
     residual: int  # residual stream: fp32 when prepare_model_for_kbit_training upcast the embeddings
     tokens: int
+    loss: str  # the loss path: plain, chunked or fused
 
     def per_layer(self) -> int:
         a = self.arch
@@ -450,27 +471,59 @@ class Activations:
                 elements += h * qkv + att * ("o_proj" in self.modules) + i * ("down_proj" in self.modules)
                 masks = 0
             elements += lora.r * len(self.modules)
+            if lora.dora:  # the base layer's output, kept to scale it by the magnitude over the weight's norm
+                elements += sum(layer[m][1] for m in self.modules)
             return self.tokens * (self.c * elements + 4 * fp32 + masks)
         elements += h + att + i + 2 * h
         return self.tokens * (self.c * elements + 4 * fp32)
 
     def total(self, *, checkpointing: bool) -> int:
-        """The larger of two moments: backward passing the loss, and later one layer's backward.
+        """The larger of two moments: the loss over the vocabulary (`loss_held`), and later one layer's backward.
 
-        Backward starts at the loss over the vocabulary: the log-softmax output it saved, that output's
-        gradient and the logits' gradient, three fp32 tokens x vocab tensors (the logits are gone by then).
-        Only once those are freed does checkpointing recompute a layer, or a 4-bit layer dequantize a weight
-        for its backward matmul; without checkpointing, every layer's saved tensors are there all along.
+        Only once the loss's tensors are freed does checkpointing recompute a layer, or a 4-bit layer dequantize
+        a weight for its backward matmul; without checkpointing, every layer's saved tensors are there all along.
         """
         a = self.arch
         layer = self.per_layer()
-        loss = 3 * 4 * self.tokens * a.vocab
+        loss = self.loss_held()
         dequantized = 0
+        largest = max(n_in * n_out for n_in, n_out in a.linears().values())
         if self.setup.quant.bits in (4, 8):  # one layer's weight dequantized for its matmul
-            dequantized = self.c * max(n_in * n_out for n_in, n_out in a.linears().values())
+            dequantized = self.c * largest
+        if self.setup.lora and self.recipe.lora.dora:  # DoRA's weight norm: W + s·B A of one layer, in fp32
+            dequantized += 2 * 4 * largest
         if checkpointing:  # each layer's input (the residual stream) is kept for the recomputation
             return a.layers * self.tokens * a.hidden * self.residual + max(loss, layer + dequantized)
         return a.layers * layer + max(loss, dequantized)
+
+    def loss_held(self) -> int:
+        """The most the loss over the vocabulary holds at once, on each path.
+
+        plain: backward starts at the log-softmax output autograd saved, that output's gradient and the
+        logits' gradient, three fp32 tokens x vocab tensors (the logits are gone by then).
+        chunked: one chunk's fp32 logits and logsumexp's temporary of their size, while the chunk is computed
+        in forward (their gradient in the compute dtype comes after that temporary is gone), plus the gradient
+        for the hidden states it keeps and the labelled positions' hidden states it reads (all, at most).
+        fused: Liger's chunk of about tokens x hidden / vocab positions (a power of two), its logits in the
+        compute dtype with their gradient written over them, and the same hidden-state tensors.
+        A trained head (full finetuning) adds its fp32 gradient, gathered over the chunks.
+        """
+        a = self.arch
+        if self.loss == "plain":
+            return 3 * 4 * self.tokens * a.vocab
+        if self.loss == "chunked":
+            rows, per_logit = min(self.tokens, rows_per_chunk(a.vocab)), 2 * 4
+        else:
+            rows, per_logit = min(self.tokens, _liger_chunk_rows(self.tokens, a.vocab, a.hidden)), self.c
+        head_gradient = 0 if self.setup.lora else 4 * a.vocab * a.hidden
+        return rows * a.vocab * per_logit + 2 * self.tokens * a.hidden * self.residual + head_gradient
+
+
+def _liger_chunk_rows(tokens: int, vocab: int, hidden: int) -> int:
+    """Liger's fused linear cross-entropy takes positions in chunks of about tokens x hidden / vocab, rounded up
+    to a power of two: a chunk's logits about the size of the hidden states."""
+    per_chunk = -(-tokens // -(-vocab // hidden))
+    return 1 << (per_chunk - 1).bit_length()
 
 
 # --------------------------------------------------------------------------- gradient checkpointing: auto
@@ -573,9 +626,11 @@ def render_plan(plan: MemoryPlan, budget: int | None = None) -> str:
         procs = f"{plan.num_processes} processes{' with FSDP' if plan.fsdp else ' (DDP)'}"
     head = [
         f"{a.name}: {a.params / 1e9:.2f}B parameters ({a.layers} layers, hidden {a.hidden}, vocab {a.vocab})",
-        f"batch {plan.batch_size} x {plan.seq_len} tokens, {plan.optim}, {plan.compute_dtype} compute on {plan.device} "
+        f"batch {plan.batch_size}{' packed rows' if plan.packed else ''} x {plan.seq_len} tokens, {plan.optim}, "
+        f"{plan.compute_dtype} compute on {plan.device} "
         f"({plan.compute_reason}), {procs}",
         f"LoRA r={plan.lora_r} on {', '.join(plan.lora_modules)}",
+        f"loss over the vocabulary: {plan.loss} ({plan.loss_reason})",
         "memory per GPU; 1 GiB = 2^30 bytes, and a GPU sold as 48GB holds 48 GiB",
         "",
     ]

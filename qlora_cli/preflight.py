@@ -2,7 +2,8 @@
 
 The recipe document itself is valid (config.py); here: the trackers and DeepSpeed are installed, the
 DeepSpeed config can be read and its ZeRO stage can shard 4-bit weights, the launcher's environment
-agrees with the recipe, and FSDP's storage dtype equals the compute dtype `auto` resolves to here.
+agrees with the recipe, FSDP's storage dtype equals the compute dtype `auto` resolves to here, and
+`training.loss=fused` has a CUDA GPU and liger-kernel.
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ def preflight(recipe: Recipe, environ: Mapping[str, str] = os.environ) -> None:
     check_launch(recipe, environ)
     if recipe.training.deepspeed:
         check_deepspeed(recipe)
+    if recipe.training.loss == "fused":
+        from qlora_cli.loss import fused_problem
+        from qlora_cli.model import device_for_process
+
+        if problem := fused_problem(device_for_process()):
+            raise QloraError(f"training.loss=fused: {problem}")
     if recipe.training.fsdp:
         from qlora_cli.model import dtype_name, resolve_compute_dtype
 

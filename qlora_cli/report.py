@@ -163,6 +163,8 @@ def recipe_rows(recipe: Recipe, metrics: dict[str, Any] | None) -> Rows:
         if "gradient_checkpointing" in metrics:  # recorded since `auto` depends on the machine
             on = "on" if metrics["gradient_checkpointing"] else "off"
             rows.append(("Gradient checkpointing", f"{on} ({metrics['gradient_checkpointing_reason']})"))
+        if "loss_path" in metrics:
+            rows.append(("Loss over the vocabulary", f"{metrics['loss_path']} ({metrics['loss_path_reason']})"))
     return rows
 
 

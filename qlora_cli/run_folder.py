@@ -41,6 +41,11 @@ REPORT_FILE = "report.md"
 FIGURES_DIR = "figures"
 CARD_FILE = "README.md"
 MERGE_REPORT_FILE = "merge_report.json"  # what makes a folder a merged model
+EXPORT_REPORT_FILE = "export_report.json"  # what makes a folder a GGUF export (`qlora export gguf`)
+MODELFILE_FILE = "Modelfile"  # Ollama's recipe for a GGUF export
+BASE_INIT_DIR = "base_init"  # lora.init pissa/olora/loftq: the adapter's start, and what the base became
+BASE_INIT_FILE = "base_init.json"
+PLAIN_LORA_DIR = "plain_lora"  # such an adapter written as plain LoRA against the untouched base (peft's conversion)
 CHAT_EVAL_FILE = "chat_eval.json"  # `qlora eval chat scores / elo` of reviews kept inside the run
 STAGING_DIR = ".staging"
 TRAINER_STATE_FILE = "trainer_state.json"  # the Trainer writes it last: a checkpoint without it is incomplete
@@ -352,6 +357,20 @@ def resume_checkpoint(path: Path) -> Path:
     if later:
         print(f"Skipping incomplete {', '.join(later)}; resuming from {newest.name}", file=sys.stderr)
     return newest
+
+
+@contextmanager
+def staged_folder(target: Path) -> Iterator[Path]:
+    """A folder written beside `target` and published in its place only once complete."""
+    staged = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(parents=True)
+    try:
+        yield staged
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    publish(staged, target)
 
 
 def publish(staged: Path, target: Path) -> None:

@@ -16,16 +16,30 @@ from qlora_cli.adapter import prompt_format
 from qlora_cli.builtin import resolve_builtin_model
 from qlora_cli.config import Recipe, training_drift
 from qlora_cli.data import PreparedData, prepare_data
+from qlora_cli.data.packing import PackedRows, packing_problem
 from qlora_cli.distributed import announce_processes, join_processes
 from qlora_cli.errors import QloraError, refusing_pickled_code
 from qlora_cli.eval.exact_match import Questions
 from qlora_cli.guards import check_adapter, fingerprint
+from qlora_cli.loss import loss_for_model
 from qlora_cli.memory import MemoryMeter
 from qlora_cli.plan import checkpointing_for_run
-from qlora_cli.model import LoadedModel, add_lora, count_parameters, load_model, model_source
+from qlora_cli.model import (
+    LoadedModel,
+    add_lora,
+    count_parameters,
+    device_for_process,
+    load_model,
+    model_config,
+    model_source,
+    save_as_plain_lora,
+    start_from_16bit,
+)
 from qlora_cli.run_folder import (
+    BASE_INIT_DIR,
     LOG_HISTORY_FILE,
     METRICS_FILE,
+    PLAIN_LORA_DIR,
     RECIPE_FILE,
     RunFolder,
     find_recipe_file,
@@ -93,22 +107,37 @@ def _train(
         model_source(recipe.model)  # builds a builtin model, or dequantizes a GGUF file, once
         if recipe.model.tokenizer:
             resolve_builtin_model(recipe.model.tokenizer)
+    if recipe.data.packing and (problem := packing_problem(model_config(recipe.model), recipe.model.attn_implementation)):
+        raise QloraError(problem)
     set_seed(recipe.training.seed)
     checkpointing = checkpointing_for_run(recipe, num_processes=processes.num_processes)  # auto: the plan decides
-    resolved = recipe.training.model_copy(update={"gradient_checkpointing": checkpointing.on})
+    loss = loss_for_model(recipe, model_config(recipe.model), device=device_for_process())  # before any weight loads
+    resolved = recipe.training.model_copy(update={"gradient_checkpointing": checkpointing.on, "loss": loss.name})
     recipe = recipe.model_copy(update={"training": resolved})  # the run folder records what ran
     t = recipe.training  # under FSDP, FSDP checkpoints activations itself (distributed.fsdp_config)
     loaded = load_model(
         recipe.model, recipe.quantization, gradient_checkpointing=t.gradient_checkpointing and not t.fsdp, fsdp=t.fsdp
     )
     if recipe.lora.enabled:
-        loaded.model = add_lora(loaded.model, recipe.lora, kind=loaded.kind)
+        loaded.model = add_lora(loaded.model, recipe.lora, kind=loaded.kind, tokenizer=loaded.tokenizer)
+        if recipe.lora.changes_base:  # every process starts the same; the main one records it
+            record = run.path / BASE_INIT_DIR if processes.is_main_process else None
+            start_from_16bit(loaded, recipe.model, recipe.lora, record)
     data = prepare_data(recipe.data, loaded.tokenizer, kind=loaded.kind, seed=recipe.training.seed)
+    if data.packed is not None and len(data.packed.rows) < t.batch_size:
+        raise QloraError(
+            f"data.packing: the {data.packed.examples:,} training examples ({data.packed.tokens:,} tokens) fill "
+            f"{len(data.packed.rows)} row{'s' if len(data.packed.rows) > 1 else ''} of data.max_packed_len={recipe.data.max_packed_len}, fewer than the "
+            f"training.batch_size={t.batch_size} rows of one step: lower either, or set data.packing=false"
+        )
     trainer = build_trainer(recipe, loaded, data)
     is_main = trainer.is_world_process_zero()
     if is_main:
         _announce(recipe, loaded, data)
+        if data.packed is not None:
+            _announce_packing(recipe, data.packed, trainer.args.world_size)
         print(f"Gradient checkpointing {checkpointing}", file=sys.stderr)
+        print(f"Loss over the vocabulary {loss}", file=sys.stderr)
         announce_processes(recipe.training, trainer.args.world_size)
         run.write_recipe(recipe.to_yaml())
 
@@ -132,6 +161,10 @@ def _train(
     metrics = _metrics(trainer, runtime)
     metrics |= {"compute_dtype": loaded.compute.name, "compute_dtype_reason": loaded.compute.reason}
     metrics |= {"gradient_checkpointing": checkpointing.on, "gradient_checkpointing_reason": checkpointing.reason}
+    metrics |= {"loss_path": loss.name, "loss_path_reason": loss.reason}
+    if data.packed is not None:
+        p = data.packed
+        metrics["packing"] = {"examples": p.examples, "rows": len(p.rows), "tokens": p.tokens, "max_len": p.max_len}
     if loss_before is not None and loss_before.loss is not None:
         after = trainer.evaluate(eval_dataset=data.eval)["eval_loss"]
         metrics |= {"eval_loss_before": loss_before.loss, "eval_loss_after": after}
@@ -148,6 +181,8 @@ def _train(
             loaded.tokenizer.save_pretrained(staged)
             (staged / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
             (staged / LOG_HISTORY_FILE).write_text(json.dumps(history, indent=2) + "\n")
+        if recipe.lora.changes_base:
+            save_as_plain_lora(loaded.model, run.path / BASE_INIT_DIR, run.path / PLAIN_LORA_DIR)
         write_report_and_card(run, recipe, loaded, metrics, history)
         run.mark_completed()
     losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
@@ -260,6 +295,17 @@ def _questions(recipe: Recipe, data: PreparedData, loaded: LoadedModel) -> Quest
         prompt=prompt_format(recipe, loaded.tokenizer).prompt,
         max_new_tokens=e.max_new_tokens,
         batch_size=e.batch_size,
+    )
+
+
+def _announce_packing(recipe: Recipe, packed: PackedRows, processes: int) -> None:
+    t = recipe.training
+    rows = t.batch_size * t.gradient_accumulation_steps * processes
+    ignored = "; training.group_by_length is off: packed rows have nothing to group" if t.group_by_length else ""
+    print(
+        f"Packing: {packed.describe()}; a step of {rows:,} rows holds {rows * packed.examples_per_row:,.0f} "
+        f"examples and {rows * packed.tokens_per_row:,.0f} tokens on average{ignored}",
+        file=sys.stderr,
     )
 
 

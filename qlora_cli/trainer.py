@@ -9,6 +9,9 @@ given order:
   evaluation, MMLU and saving pause the clock) and memory in use and at peak.
 - `_get_train_sampler`: the group-by-length order is a function of (seed, epoch), so a resume replays it.
 - `evaluate`: runs on a forked RNG, so evaluating never changes what is trained.
+- `compute_loss`: on the chunked and fused loss paths (qlora_cli/loss.py) the model computes one position's
+  logits and the Trainer's `compute_loss_func` the loss from the final hidden state; the Trainer still pops
+  the labels, counts num_items_in_batch and scales for accumulation and processes, in training and evaluation.
 - `train`: a run already at max_steps is only restored (Trainer would run one step past it), and a failure
   still closes the progress bar and trackers.
 
@@ -28,18 +31,22 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from qlora_cli.config import Recipe
 from qlora_cli.data import PaddingCollator, PreparedData
+from qlora_cli.data.packing import FLASH_ATTENTION, real_tokens
 from qlora_cli.distributed import fsdp_config
 from qlora_cli.errors import QloraError
 from qlora_cli.guards import GracefulStop, NonFiniteLossGuard
+from qlora_cli.loss import HeadLoss, loss_for_model
 from qlora_cli.memory import MemoryMeter
 from qlora_cli.model import LoadedModel, computes_logits_where_asked
 from qlora_cli.run_folder import TRAINER_STATE_FILE, RunFolder, checkpoint_name, trained_steps
 
 
 class QloraTrainer(Trainer):
-    def __init__(self, *args: Any, recipe: Recipe, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args: Any, recipe: Recipe, head_loss: HeadLoss | None = None, **kwargs: Any) -> None:
+        """`head_loss`: the chunked or fused loss path; None: the model's own loss."""
+        super().__init__(*args, compute_loss_func=head_loss, **kwargs)
         self.recipe = recipe
+        self.head_loss = head_loss
         self.run = RunFolder(Path(recipe.output_dir))
         self.stop = GracefulStop()
         self.nan_guard = NonFiniteLossGuard(recipe.training.max_bad_steps)
@@ -83,6 +90,14 @@ class QloraTrainer(Trainer):
             self._tokens_at_last_log = self.state.num_input_tokens_seen
         return super().get_batch_samples(epoch_iterator, num_batches, device)
 
+    def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+        """Packed rows carry no attention mask, and the Trainer would then count every token that is not the pad
+        token: where EOS is the pad token (SmolLM2) it missed each document's EOS."""
+        if "position_ids" not in inputs or "attention_mask" in inputs:
+            return super()._track_num_input_tokens(inputs)
+        real = torch.as_tensor(real_tokens(inputs, self.processing_class.pad_token_id), device=self.args.device)
+        self.state.num_input_tokens_seen += self.accelerator.gather(real).sum().item()
+
     def training_seconds(self) -> float:
         """Seconds spent training in this process: not evaluation, MMLU or checkpoints (see `paused_clock`)."""
         return self._clock.elapsed()
@@ -109,6 +124,25 @@ class QloraTrainer(Trainer):
         if isinstance(sampler, LengthGroupedSampler):
             return SeededLengthGroupedSampler(sampler, self.args.seed)
         return sampler
+
+    # ------------------------------------------------------------------ the loss over the vocabulary
+
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        """On the chunked and fused paths the model (through its DDP wrapper) computes logits at one position
+        only, and `head_loss` reads the final hidden state it keeps while the model runs. Every training loss
+        goes to the non-finite guard, whichever path computed it."""
+        if self.head_loss is None:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        else:
+            with self.head_loss.capturing():
+                result = super().compute_loss(
+                    model, {**inputs, "logits_to_keep": 1}, return_outputs, num_items_in_batch
+                )
+        if model.training:  # evaluation losses do not count
+            self.nan_guard.watch(result[0] if return_outputs else result)
+        return result
 
     # ------------------------------------------------------------------ evaluation and the run itself
 
@@ -261,7 +295,8 @@ def training_arguments(recipe: Recipe, compute_dtype: torch.dtype, *, has_eval: 
         adam_beta2=t.adam_beta2,
         weight_decay=t.weight_decay,
         activation_checkpointing=False,  # enabled (non-reentrant) when the model was loaded
-        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        # packed rows are all about max_packed_len long: nothing to group (said when the run starts)
+        train_sampling_strategy="group_by_length" if t.group_by_length and not recipe.data.packing else "random",
         logging_steps=t.logging_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
@@ -290,16 +325,22 @@ def training_arguments(recipe: Recipe, compute_dtype: torch.dtype, *, has_eval: 
 def build_trainer(recipe: Recipe, loaded: LoadedModel, data: PreparedData) -> QloraTrainer:
     """`loaded.model` is the model to train (with its LoRA adapters)."""
     args = training_arguments(recipe, loaded.compute_dtype, has_eval=data.eval is not None)
+    loss = loss_for_model(recipe, loaded.model.config, device=str(loaded.device))  # `qlora train` said which and why
+    autocast = loaded.compute_dtype if args.bf16 or args.fp16 else None  # the head computes under it on a GPU
+    head_loss = None if loss.name == "plain" else HeadLoss(loaded.model, loss, autocast_dtype=autocast)
     trainer = QloraTrainer(
         model=loaded.model,
         args=args,
-        train_dataset=data.train,
+        train_dataset=data.train_rows,
         eval_dataset=data.eval if args.eval_strategy != "no" else None,
         data_collator=PaddingCollator(
-            loaded.tokenizer.pad_token_id, logits_for_labels_only=computes_logits_where_asked(loaded.model)
+            loaded.tokenizer.pad_token_id,
+            logits_for_labels_only=head_loss is None and computes_logits_where_asked(loaded.model),
+            flash_attention=loaded.model.config._attn_implementation in FLASH_ATTENTION,
         ),
         processing_class=loaded.tokenizer,
         recipe=recipe,
+        head_loss=head_loss,
     )
     if recipe.eval.mmlu:
         from qlora_cli.eval.mmlu import MmluCallback

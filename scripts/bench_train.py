@@ -5,6 +5,9 @@
     python scripts/bench_train.py --batch-size 4 --steps 16 \
         --model ../shared/data/models/smollm2-135m-instruct-gguf/SmolLM2-135M-Instruct.Q4_1.gguf
     python scripts/bench_train.py --profile             # also: where each setup's time goes
+    python scripts/bench_train.py --model builtin:smollm2-135m-instruct --loss-paths --steps 3   # issue 31
+    python scripts/bench_train.py --model builtin:smollm2-135m-instruct --recipe smollm2-135m-guanaco \
+        --setups qlora,dora,rslora,pissa,olora,loftq,tokens --set data.eval_size=32   # issue 32
 
 Random-init mode (no --model): QLoRA (NF4 + DQ), QLoRA with FP4, 16-bit LoRA and full finetuning on a
 random-init LLaMA shape, on random token rows (lengths between half and all of --seq-len).
@@ -19,9 +22,19 @@ alpaca-7b) as `qlora train` resolves it on this machine, with --model, --data (d
 - `plain`: scripts/plain_qlora.py, the paper's qlora.py as a user writes it with transformers + peft +
   bitsandbytes, on the same model (for a .gguf file, the folder it is dequantized to), data, lengths, LoRA
   and batch size.
+- `dora`, `rslora`, `pissa`, `olora`, `loftq`, `tokens` (two new special tokens whose rows train): the LoRA
+  family, each the recipe with one `lora.*` option set, in a table beside `qlora` with the time to load and
+  start (PiSSA/OLoRA/LoftQ take their start from a 16-bit copy) and, with `--set data.eval_size=N`, the
+  held-out loss after the same steps.
 Each draws its batches with its own length-grouped sampler: the `qlora train` setups the same batches,
 the plain script others from the same data (grouped on characters, as qlora.py does); the padding column
 shows how full they were.
+
+Loss paths (--loss-paths, real-model mode): the recipe with `training.loss` plain, then chunked, each training
+rows of exactly --row-lengths random tokens (loss on every token), batch 1, gradient checkpointing on (a long row
+needs it; `--set training.gradient_checkpointing=false` to compare without), in a fresh process per row length
+and path. Beside each: the head and loss of one such row alone (fp32, as QLoRA keeps the head), forward and
+backward: torch's allocated peak and its time, and what `qlora plan` counts for it.
 
 Every setup trains in a fresh process after a one-step warm-up run. The first timed step warms up and
 is left out; tokens/s is the median over the rest of (tokens the step trained on) / (its seconds).
@@ -40,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -48,6 +62,7 @@ import torch
 
 from benchlib import (
     BUCKETS,
+    LORA_FAMILY,
     SETUPS,
     SIZES,
     RunShape,
@@ -62,7 +77,7 @@ from benchlib import (
 )
 from qlora_cli.config import Recipe, deep_merge, load_recipe, validate_recipe
 from qlora_cli.model import DTYPES
-from qlora_cli.plan import GIB
+from qlora_cli.plan import GIB, Activations, Architecture, Setup
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REAL_DATA = SHARED / "alpaca" / "antelofski_alpaca_small_2000.json"
@@ -74,6 +89,8 @@ PAPER_SETTINGS = {
                      "compute_dtype": "bf16" if torch.cuda.is_available() else "fp32"},
     "training": {"gradient_checkpointing": True},
 }  # fmt: skip
+LOSS_PATHS = ("plain", "chunked")
+MIB = 2**20
 
 
 def main() -> None:
@@ -93,11 +110,28 @@ def main() -> None:
                         help="alpaca-format file: the training data with --model, and the padding measurement")  # fmt: skip
     parser.add_argument("--tokenizer", help="for the padding measurement; default the model's, else Llama-2's")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--loss-paths", action="store_true",
+                        help="real-model mode: plain vs chunked loss on single rows of --row-lengths tokens")  # fmt: skip
+    parser.add_argument("--row-lengths", default="512,2048,4096", help="with --loss-paths: tokens per row")
+    parser.add_argument("--packing", action="store_true",
+                        help="real-model mode: unpacked vs packed, at the alpaca and oasst1 recipes' batch shapes")  # fmt: skip
+    parser.add_argument("--packed-len", type=int, default=2048, help="with --packing: data.max_packed_len")
     args = parser.parse_args()
+    if args.packing:
+        if not args.model:
+            parser.error("--packing trains a real model: pass --model (e.g. builtin:smollm2-135m-instruct)")
+        compare_packing(args)
+        return
+    if args.loss_paths:
+        if not args.model:
+            parser.error("--loss-paths trains a real model: pass --model (e.g. builtin:smollm2-135m-instruct)")
+        compare_loss_paths(args, [int(n) for n in args.row_lengths.split(",")])
+        return
     if args.model and (args.lora_r != 64 or args.no_gradient_checkpointing or args.seq_len != 256):
         parser.error("with --model the recipe sets LoRA, checkpointing and lengths: use --set lora.r=16 etc.")
     setups = (args.setups or ",".join(REAL_SETUPS if args.model else SETUPS)).split(",")
     known = [*REAL_SETUPS, *(s for s in SETUPS if s not in REAL_SETUPS)] if args.model else list(SETUPS)
+    known += list(LORA_FAMILY) if args.model else []
     if unknown := [s for s in setups if s not in known]:
         mode = "" if args.model else " without --model"
         parser.error(f"unknown setup {unknown[0]!r}{mode}; setups: {', '.join(known)}")
@@ -127,6 +161,9 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"\n## Training side by side ({device}, {about})\n")
     print(speed_memory_table(results))
+    if any(setup in LORA_FAMILY for setup in results):
+        print(f"\n## The LoRA family against plain LoRA ({device}, {about})\n")
+        print(lora_family_table(results))
     if args.model:
         print(f"\n## Utilisation and the plain transformers + peft + bitsandbytes script ({device}, {about})\n")
         print(utilisation_table(results))
@@ -186,8 +223,201 @@ def real_recipe(args: argparse.Namespace, setup: str, output_dir: Path) -> Recip
     recipe = load_recipe(args.recipe, overrides)
     if setup in ("default", "plain"):
         return recipe
-    update = PAPER_SETTINGS if setup == "qlora-paper" else SETUPS[setup]
+    update = PAPER_SETTINGS if setup == "qlora-paper" else {**SETUPS, **LORA_FAMILY}[setup]
     return validate_recipe(deep_merge(recipe.model_dump(mode="json"), update), source=f"setup {setup}")
+
+
+def compare_loss_paths(args: argparse.Namespace, lengths: list[int]) -> None:
+    """Issue 31: tokens/s and peak memory of the plain and the chunked loss at each row length, and the loss alone."""
+    from qlora_cli.plan import plan_memory, recipe_architecture
+
+    results: dict[tuple[int, str], dict[str, Any]] = {}
+    for length in lengths:
+        for path in LOSS_PATHS:
+            one_row = argparse.Namespace(**{**vars(args), "batch_size": 1, "set": [
+                "training.gradient_checkpointing=true", *args.set, f"training.loss={path}",
+                f"data.source_max_len={length - length // 4}", f"data.target_max_len={length // 4}"]})  # fmt: skip
+            with tempfile.TemporaryDirectory() as out:
+                recipe = real_recipe(one_row, "default", Path(out))
+                result = isolated(measure_training, recipe, [length] * args.steps, args.profile)
+                if "error" not in result:
+                    result |= isolated(allocated_step, recipe, length)
+            if "error" not in result:
+                result |= loss_alone(recipe, path, length, result["vocab"], result["hidden"])
+                plan = plan_memory(recipe, recipe_architecture(recipe.model), device=_device())
+                result["planned"] = plan.estimates[0].allocated()
+            results[length, path] = result
+            _progress(f"{path} loss, {length} tokens", result)
+    print(f"\n## The loss over the vocabulary: plain vs chunked ({_device()}, {args.model}, recipe {args.recipe}"
+          f"{''.join(f' {s}' for s in args.set)}, batch 1, {args.steps} steps of random tokens per row)\n")  # fmt: skip
+    print(loss_paths_table(results))
+    print(loss_paths_targets(results, max(lengths)))
+    first = next(iter(results.values()))
+    print(f"\nallocated peak: what torch's allocator held at most in a step (one more run of a step under "
+          "torch.profiler(profile_memory=True) on the CPU, max_memory_allocated on a GPU), counted from before "
+          f"loading (weights included); planned: `qlora plan`'s allocated figure for it; peak RSS: "
+          f"{first.get('memory_kind', '?')} of the timed run (on the CPU it keeps heap glibc holds after frees); "
+          "loss alone: torch's allocated peak of one row's head + loss, forward and backward, median time of 3, "
+          "and what `qlora plan` counts for it. tokens / CPU-s holds up on a shared machine")  # fmt: skip
+    for (length, path), r in results.items():
+        if "profile_buckets" in r:
+            print_profile(f"{path} at {length} tokens", r)
+    write_json(args.json, {"device": _device(), "args": vars(args) | {"json": str(args.json)},
+                           "results": {f"{path}@{length}": r for (length, path), r in results.items()}})  # fmt: skip
+
+
+def allocated_step(recipe: Recipe, length: int) -> dict[str, int]:
+    """One step of the recipe on one row, the most torch's allocator holds (the CPU has no allocator statistics:
+    profiler memory events there, with glibc handing freed memory back), from before the warm-up run."""
+    from qlora_cli.memory import MemoryMeter
+
+    one_step = recipe.training.model_copy(update={"max_steps": 1, "logging_steps": 1, "save_steps": 1})
+    with MemoryMeter(_device()).allocated_peak() as held:
+        measure_training(recipe.model_copy(update={"training": one_step}), [length], for_memory=True)
+    return {"allocated_peak": held.peak}
+
+
+def compare_packing(args: argparse.Namespace) -> None:
+    """Issue 31: real (non-pad) tokens/s and peak memory, unpacked and packed, each recipe at its own lengths and
+    --batch-size (the paper's is 1: one example, or one packed row, a micro-batch), no accumulation."""
+    with tempfile.TemporaryDirectory() as folder:
+        cases = {"alpaca-7b": args.data, "guanaco-7b": str(guanaco_text(Path(args.data), Path(folder)))}
+        results: dict[tuple[str, bool], dict[str, Any]] = {}
+        for recipe_name, data in cases.items():
+            for packed in (False, True):
+                packing = [f"data.packing={str(packed).lower()}", f"data.max_packed_len={args.packed_len}"]
+                run = argparse.Namespace(**{**vars(args), "recipe": recipe_name, "data": data,
+                                            "set": [*args.set, *packing]})  # fmt: skip
+                with tempfile.TemporaryDirectory() as out:
+                    result = isolated(measure_training, real_recipe(run, "default", Path(out)), None, args.profile)
+                results[recipe_name, packed] = result
+                _progress(f"{recipe_name}, {'packed' if packed else 'unpacked'}", result)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"\n## Packing ({device}, {args.model}, batch {args.batch_size}, rows of up to {args.packed_len} tokens, "
+          f"{args.steps} steps{''.join(f' {s}' for s in args.set)})\n")  # fmt: skip
+    print(packing_table(results))
+    write_json(args.json, {"device": device, "args": vars(args) | {"json": str(args.json)},
+                           "results": {f"{name} {'packed' if packed else 'unpacked'}": r
+                                       for (name, packed), r in results.items()}})  # fmt: skip
+
+
+def guanaco_text(alpaca: Path, folder: Path) -> Path:
+    """The Alpaca file in the oasst1 recipe's Guanaco layout (`### Human: … ### Assistant: …` text records):
+    oasst1's own training data is not here, its format and lengths are what the recipe trains."""
+    import json
+
+    from qlora_cli.builtin import resolve_builtin_data
+
+    records = json.loads(resolve_builtin_data(str(alpaca)).read_text())
+    texts = [
+        {"text": f"### Human: {' '.join(filter(None, [r['instruction'], r.get('input', '')]))} "
+                 f"### Assistant: {r['output']}"}
+        for r in records
+    ]  # fmt: skip
+    path = folder / "guanaco.jsonl"
+    path.write_text("\n".join(json.dumps(t) for t in texts))
+    return path
+
+
+def packing_table(results: dict[tuple[str, bool], dict[str, Any]]) -> str:
+    rows = []
+    for (name, packed), r in results.items():
+        if "error" in r:
+            rows.append([name, "packed" if packed else "unpacked", r["error"], *[""] * 7])
+            continue
+        ref = results.get((name, False), {})
+        rows.append([
+            name, "packed" if packed else "unpacked", r["compute_dtype"],
+            f"{statistics.median(r['step_tokens']):.0f}", _percent(r["padding_efficiency"]),
+            f"{r['tokens_per_s']:.1f}", _ratio(r["tokens_per_s"], ref.get("tokens_per_s")),
+            f"{r['tokens_per_cpu_s']:.1f}", f"{r['peak'] / GIB:.3f}", _ratio(r["peak"], ref.get("peak")),
+        ])  # fmt: skip
+    speedups = [r["tokens_per_s"] / results[name, False]["tokens_per_s"] for (name, packed), r in results.items()
+                if packed and r.get("tokens_per_s") and results[name, False].get("tokens_per_s")]  # fmt: skip
+    target = (f"\nTarget: packed at least 1.5x the unpacked real tokens/s: "
+              f"{', '.join(f'{x:.2f}x' for x in speedups)}, {'met' if speedups and min(speedups) >= 1.5 else 'NOT met'}")
+    return markdown_table(
+        ["recipe", "rows", "compute", "real tokens a step", "real / padded", "real tokens/s", "vs unpacked",
+         "tokens / CPU-s", "step peak GiB", "vs unpacked"], rows) + target  # fmt: skip
+
+
+def loss_alone(recipe: Recipe, path: str, tokens: int, vocab: int, hidden: int) -> dict[str, Any]:
+    """One row's head + loss, forward and backward, by itself: its allocated peak, median time of 3, and the plan's
+    count. fp32 hidden states and head, as QLoRA trains them (prepare_model_for_kbit_training upcasts the head)."""
+    import statistics
+    import time
+
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from qlora_cli.loss import linear_cross_entropy
+    from qlora_cli.memory import MemoryMeter
+    from qlora_cli.plan import lora_modules
+
+    device = _device()
+    generator = torch.Generator().manual_seed(0)
+    states = torch.randn(1, tokens, hidden, generator=generator).to(device).requires_grad_()
+    head = (0.02 * torch.randn(vocab, hidden, generator=generator)).to(device)
+    labels = torch.randint(0, vocab, (1, tokens), generator=generator).to(device)
+
+    def step() -> float:
+        started = time.perf_counter()
+        if path == "plain":
+            loss = ForCausalLMLoss(torch.nn.functional.linear(states, head), labels, vocab)
+        else:
+            loss = linear_cross_entropy(states, head, labels)
+        loss.backward()
+        states.grad = None
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    with MemoryMeter(device).allocated_peak() as held:
+        step()
+    seconds = statistics.median(step() for _ in range(3))
+    arch = Architecture("head", hidden, layers=1, intermediate=hidden, heads=1, kv_heads=1, vocab=vocab)  # the head's
+    setup = Setup(path, recipe.quantization, lora=True)
+    planned = Activations(arch, setup, recipe, lora_modules(recipe), c=4, residual=4, tokens=tokens, loss=path)
+    return {"loss_peak": held.peak, "loss_seconds": seconds, "loss_planned": planned.loss_held()}
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def loss_paths_table(results: dict[tuple[int, str], dict[str, Any]]) -> str:
+    rows = []
+    for (length, path), r in results.items():
+        if "error" in r:
+            rows.append([length, path, r["error"], *[""] * 11])
+            continue
+        ref = results.get((length, "plain"), {})
+        rows.append([
+            length, path, r["compute_dtype"], f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_cpu_s']:.1f}",
+            _ratio(r["tokens_per_cpu_s"], ref.get("tokens_per_cpu_s")),
+            f"{r['allocated_peak'] / GIB:.3f}", _ratio(r["allocated_peak"], ref.get("allocated_peak")),
+            f"{r['planned'] / GIB:.3f}", f"{r['peak'] / GIB:.3f}",
+            f"{r['loss_peak'] / MIB:.0f}", _ratio(r["loss_peak"], ref.get("loss_peak")),
+            f"{r['loss_planned'] / MIB:.0f}", f"{r['loss_seconds']:.3f}",
+        ])  # fmt: skip
+    return markdown_table(
+        ["row tokens", "loss", "compute", "tokens/s", "tokens / CPU-s", "vs plain", "allocated peak GiB", "vs plain",
+         "planned GiB", "peak RSS GiB", "loss alone: peak MiB", "vs plain", "planned MiB", "loss alone: s"],
+        rows)  # fmt: skip
+
+
+def loss_paths_targets(results: dict[tuple[int, str], dict[str, Any]], length: int) -> str:
+    """Issue 31's targets at the longest row: chunked peak at most half the plain one, tokens/s within 10% (per
+    CPU-second too, which a shared machine disturbs less)."""
+    plain, chunked = results.get((length, "plain"), {}), results.get((length, "chunked"), {})
+    if not plain.get("allocated_peak") or not chunked.get("allocated_peak"):
+        return ""
+    peak = chunked["allocated_peak"] / plain["allocated_peak"]
+    speed = chunked["tokens_per_s"] / plain["tokens_per_s"]
+    per_cpu = chunked["tokens_per_cpu_s"] / plain["tokens_per_cpu_s"]
+    alone = chunked["loss_peak"] / plain["loss_peak"]
+    return (f"\nTargets at {length} tokens: chunked allocated peak at most 0.5x the plain one: {peak:.2f}x, "
+            f"{'met' if peak <= 0.5 else 'NOT met'} (the loss alone: {alone:.2f}x); tokens/s within 10% of plain: "
+            f"{speed:.2f}x (per CPU-second {per_cpu:.2f}x), {'met' if min(speed, per_cpu) >= 0.9 else 'NOT met'}")
 
 
 def plain_arguments(recipe: Recipe) -> list[str]:
@@ -236,6 +466,23 @@ def speed_memory_table(results: dict[str, dict[str, Any]]) -> str:
     return markdown_table(
         ["setup", "compute", "non-pad tokens/s", "vs 16-bit LoRA", "tokens / CPU-s", "vs 16-bit LoRA", "peak GiB",
          "vs 16-bit LoRA", "bits / linear param", "bits / base param", "model GFLOP/s", "utilisation"], rows)  # fmt: skip
+
+
+def lora_family_table(results: dict[str, dict[str, Any]]) -> str:
+    """Each option of the LoRA family beside `qlora` (plain LoRA on the same base): speed, memory, the time to load
+    (PiSSA/OLoRA/LoftQ start from a 16-bit copy there) and the held-out loss after the same steps."""
+    ref = results.get("qlora", {})
+    rows = []
+    for setup, r in results.items():
+        if (setup != "qlora" and setup not in LORA_FAMILY) or "error" in r:
+            continue
+        held_out = "" if r.get("eval_loss") is None else f"{r['eval_loss']:.3f}"
+        rows.append([
+            setup, f"{r['tokens_per_s']:.1f}", _ratio(r["tokens_per_s"], ref.get("tokens_per_s")),
+            f"{r['peak'] / GIB:.3f}", _ratio(r["peak"], ref.get("peak")), f"{r['load_seconds']:.1f}", held_out,
+        ])  # fmt: skip
+    return markdown_table(["setup", "non-pad tokens/s", "vs qlora", "peak GiB", "vs qlora", "load + start s",
+                           "held-out loss after"], rows)  # fmt: skip
 
 
 def utilisation_table(results: dict[str, dict[str, Any]]) -> str:

@@ -52,6 +52,15 @@ SETUPS: dict[str, dict[str, Any]] = {
     "lora16": {"quantization": {"bits": 16}},
     "full": {"quantization": {"bits": 16}, "lora": {"enabled": False}},
 }
+# The LoRA family (issue 32), each on the recipe's own base: compared with `qlora` (plain LoRA on NF4 + DQ).
+LORA_FAMILY: dict[str, dict[str, Any]] = {
+    "dora": {"lora": {"dora": True}},
+    "rslora": {"lora": {"rslora": True}},
+    "pissa": {"lora": {"init": "pissa"}},
+    "olora": {"lora": {"init": "olora"}},
+    "loftq": {"lora": {"init": "loftq"}},
+    "tokens": {"lora": {"trainable_tokens": ["<|tool|>", "<|tool_result|>"]}},
+}
 
 
 def random_checkpoint(arch: Architecture, *, shard_size: str = "200MB") -> Path:
@@ -218,7 +227,7 @@ def _train(recipe: Recipe, lengths: list[int] | None, meter: MemoryMeter, profil
     import gc
 
     from qlora_cli.data import PreparedData, prepare_data
-    from qlora_cli.model import add_lora, load_model
+    from qlora_cli.model import add_lora, load_model, start_from_16bit
     from qlora_cli.plan import checkpointing_for_run
     from qlora_cli.trainer import build_trainer
 
@@ -231,20 +240,28 @@ def _train(recipe: Recipe, lengths: list[int] | None, meter: MemoryMeter, profil
     baseline = meter.current()
     meter.reset_peak()
     t = recipe.training
+    started = time.perf_counter()
     with meter.held_peak() as loading:
         loaded = load_model(recipe.model, recipe.quantization, gradient_checkpointing=t.gradient_checkpointing)
         if recipe.lora.enabled:
-            loaded.model = add_lora(loaded.model, recipe.lora, kind=loaded.kind)
+            loaded.model = add_lora(loaded.model, recipe.lora, kind=loaded.kind, tokenizer=loaded.tokenizer)
+            if recipe.lora.changes_base:
+                start_from_16bit(loaded, recipe.model, recipe.lora, None)
+    load_seconds = time.perf_counter() - started
     load_peak, loaded_size = meter.peak() - baseline, meter.current() - baseline
     if lengths is None:
         data = prepare_data(recipe.data, loaded.tokenizer, kind=loaded.kind, seed=t.seed)
     else:
         data = PreparedData(train=random_batches(loaded.model.config.vocab_size, lengths), eval=None)
-    measured = _measured_run(build_trainer(recipe, loaded, data), meter, profile)
+    trainer = build_trainer(recipe, loaded, data)
+    measured = _measured_run(trainer, meter, profile)
+    peak = meter.peak() - baseline
     return {
         **measured,
-        "peak": meter.peak() - baseline,
+        "peak": peak,
+        "eval_loss": trainer.evaluate(eval_dataset=data.eval)["eval_loss"] if data.eval is not None else None,
         "load_peak": load_peak,
+        "load_seconds": load_seconds,
         "load_allocated_peak": loading.peak - loading.start,
         "loaded_size": loaded_size,
         "largest_shard": largest_shard(Path(loaded.source)),

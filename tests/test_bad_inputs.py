@@ -85,6 +85,11 @@ CASES = [
          "training.deepspeed={tmp}/ds.json", files={"ds.json": '{"zero_optimization": '}),
     _set("fsdp-and-deepspeed", "training.fsdp and training.deepspeed are two sharding engines",
          "training.fsdp=true", "training.deepspeed={tmp}/ds.json", files={"ds.json": "{}"}),
+    _set("chunked-loss-fsdp", "training.loss=chunked needs the whole output head on every process, and training.fsdp",
+         "training.loss=chunked", "training.fsdp=true"),
+    _set("fused-loss-on-cpu", "training.loss=fused: Liger's fused kernel needs a CUDA GPU", "training.loss=fused"),
+    _set("chunked-loss-seq2seq", "training.loss=chunked: builtin:tiny-t5 is an encoder-decoder model",
+         "training.loss=chunked", "model.name_or_path=builtin:tiny-t5"),
     # overrides
     _set("override-without-value", "not of the form key.path=value", "training.max_steps"),
     _set("override-unknown-key", "unknown key trainng (did you mean 'training'?)", "trainng.max_steps=1"),

@@ -129,12 +129,6 @@ def test_knowledge_probes_are_questions_with_answers(tmp_path):
         load_recipe(minimal(tmp_path, eval={"knowledge_probes": [{"question": "Why?", "answer": " "}]}))
 
 
-def test_the_loss_before_training_is_refused_under_a_sharding_engine(tmp_path):
-    with pytest.raises(ConfigError, match="eval.loss_before_after does not work with training.fsdp"):
-        load_recipe(minimal(tmp_path, eval={"loss_before_after": True}, training={"fsdp": True}))
-    assert load_recipe(minimal(tmp_path, eval={"loss_before_after": True})).eval.loss_before_after
-
-
 def test_extends_deep_merges_and_resolves_relative_to_the_file(tmp_path):
     (tmp_path / "base").mkdir()
     write(tmp_path / "base" / "common.yaml", {"model": {"name_or_path": "base-model"}, "lora": {"r": 8, "alpha": 4}})

@@ -65,3 +65,17 @@ def test_preview_of_a_broken_file_is_one_error_line(cli, tmp_path):
     assert code == 2
     assert err.strip().splitlines()[-1] == f"error: {path}:2:17: invalid JSON Lines record: Expecting value"
     assert "Traceback" not in err and "Failed to load JSON" not in err
+
+
+def test_preview_shows_how_packing_fills_the_rows(cli):
+    code, out, _ = cli("data", "preview", "-c", DEMO, "-n", "1", *SMALL, "data.packing=true", "data.max_packed_len=128",
+                       "training.batch_size=2")  # fmt: skip
+    assert code == 0, out
+    packing = next(line for line in out.splitlines() if line.startswith("packing: "))
+    assert packing.startswith("packing: 16 examples packed into ") and "rows of up to 128 tokens" in packing
+    assert "a batch of 2 rows is " in out and "unpacked, a batch of 2 examples is " in out
+
+
+def test_preview_refuses_packing_for_an_encoder_decoder(cli):
+    code, _, err = cli("data", "preview", "-c", DEMO, "model.name_or_path=builtin:tiny-t5", "data.packing=true")
+    assert code == 2 and "data.packing: t5 is an encoder-decoder model" in err

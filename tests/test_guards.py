@@ -50,7 +50,9 @@ class _Toy(torch.nn.Module):
 
 def _step(guard: NonFiniteLossGuard, model: _Toy, value: float, step: int) -> SimpleNamespace:
     control = _control()
-    model(torch.full((3,), value)).loss.backward()
+    loss = model(torch.full((3,), value)).loss
+    guard.watch(loss)  # as QloraTrainer.compute_loss hands it every training loss
+    loss.backward()
     guard.on_pre_optimizer_step(ARGS, SimpleNamespace(global_step=step - 1), control, model=model)
     return control
 
@@ -58,22 +60,16 @@ def _step(guard: NonFiniteLossGuard, model: _Toy, value: float, step: int) -> Si
 def test_nan_loss_skips_its_update_and_stops_after_max_bad_steps(capsys):
     model = _Toy().train()
     guard = NonFiniteLossGuard(max_bad_steps=1)
-    guard.on_train_begin(ARGS, None, None, model=model)
     assert not _step(guard, model, 1.0, step=1).should_training_stop
     assert model.weight.grad is not None  # a good step keeps its gradient
     model.weight.grad = None
     control = _step(guard, model, math.nan, step=2)
     assert model.weight.grad is None and not control.should_training_stop  # tolerated, update skipped
     assert "non-finite loss at step 2" in capsys.readouterr().err
-    with torch.no_grad():
-        model.eval()(torch.full((3,), math.inf))  # evaluation losses do not count
-    model.train()
     control = _step(guard, model, math.inf, step=3)
     assert control.should_training_stop and guard.stopped_at == 3  # QloraTrainer then saves no checkpoint of it
     message = str(guard.failure(Path("runs/x/checkpoint-2")))
     assert "step 3" in message and "bad steps: 2, 3" in message and "runs/x/checkpoint-2" in message
-    guard.on_train_end(ARGS, None, None)
-    assert not model._forward_hooks
 
 
 def _lora_model() -> torch.nn.Module:

@@ -292,10 +292,12 @@ def test_callback_logs_mmlu_during_training_and_the_command_reproduces_it(cli, h
     recipe.write_text(
         f"extends: {REPO / 'configs/demo.yaml'}\n"
         f"output_dir: {run}\n"
+        "model: {name_or_path: builtin:tiny-llama}\n"
         "data: {eval_size: 8}\n"
         "quantization: {compute_dtype: fp32}\n"
         "training: {max_steps: 2, batch_size: 4, save_steps: 2, logging_steps: 1}\n"
-        f"eval: {{exact_match_samples: 0, mmlu: {{every_n_steps: 2, split: test, shots: 5, data: {hendrycks}}}}}\n"
+        f"eval: {{exact_match_samples: 0, loss_before_after: false, knowledge_probes: [],\n"
+        f"       mmlu: {{every_n_steps: 2, split: test, shots: 5, data: {hendrycks}}}}}\n"
     )
     code, _, err = cli("eval", "mmlu", "--config", str(recipe), "--data", str(hendrycks))
     assert code == 2 and "holds no trained adapter" in err

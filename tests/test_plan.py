@@ -10,7 +10,16 @@ import pytest
 import torch
 
 from qlora_cli.config import QuantizationConfig, default_recipe
-from qlora_cli.plan import ARCHITECTURES, GIB, Activations, Setup, bits_per_parameter, parse_size, plan_memory
+from qlora_cli.plan import (
+    ARCHITECTURES,
+    GIB,
+    Activations,
+    Setup,
+    bits_per_parameter,
+    parse_size,
+    plan_memory,
+    render_plan,
+)
 from tests.conftest import REPO, run_script
 
 LLAMA_7B = ARCHITECTURES["llama-7b"]
@@ -149,7 +158,7 @@ def test_layer_activations_are_what_autograd_saves(bits, lora_overrides):
 
     arch = architecture_for("builtin:tiny-llama")
     setup = Setup("x", recipe.quantization, recipe.lora.enabled)
-    predicted = Activations(arch, setup, recipe, lora_modules(recipe), c=4, residual=4, tokens=64)
+    predicted = Activations(arch, setup, recipe, lora_modules(recipe), c=4, residual=4, tokens=64, loss="plain")
     assert sum(saved.values()) == pytest.approx(predicted.per_layer(), rel=0.02)
 
 
@@ -161,7 +170,8 @@ def test_plan_command_gives_a_verdict_for_each_setup(cli):
 
 
 def test_plan_command_reads_a_recipe_and_its_model_config(cli):
-    code, out, _ = cli("plan", "--config", str(REPO / "configs/demo.yaml"), "training.batch_size=2", "--json")
+    demo = str(REPO / "configs/demo.yaml")
+    code, out, _ = cli("plan", "--config", demo, "model.name_or_path=builtin:tiny-llama", "training.batch_size=2", "--json")
     assert code == 0
     plan = json.loads(out)
     assert (plan["arch"]["hidden"], plan["arch"]["layers"], plan["batch_size"]) == (128, 4, 2)
@@ -250,7 +260,7 @@ def test_activation_peak_is_the_loss_or_a_layer_as_the_allocator_sees_it(tmp_pat
 
     setup = Setup("QLoRA", recipe.quantization, lora=True)
     activations = Activations(architecture_for(str(tmp_path)), setup, recipe, lora_modules(recipe), c=4, residual=4,
-                              tokens=ids.numel())  # fmt: skip
+                              tokens=ids.numel(), loss="plain")  # fmt: skip
     assert held.peak == pytest.approx(activations.total(checkpointing=checkpointing), rel=0.1)
 
 
@@ -261,3 +271,36 @@ def test_a_gguf_file_is_planned_from_its_header():
     arch = architecture_for("builtin:smollm2-135m-instruct")
     assert (arch.hidden, arch.layers, arch.heads, arch.kv_heads, arch.vocab) == (576, 30, 9, 3, 49152)
     assert arch.tied_embeddings and arch.head_dim == 64
+
+
+SMOLLM2 = dataclasses.replace(LLAMA_7B, name="smollm2-135m", hidden=576, layers=30, intermediate=1536, heads=9,
+                              kv_heads=3, vocab=49152, head_dim=64, tied_embeddings=True)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "loss, held",
+    [
+        ("plain", 3 * 4 * 4096 * 49152),  # log-softmax output, its gradient, the logits' gradient: fp32
+        ("chunked", 341 * 49152 * 8 + 2 * 4096 * 576 * 4),  # a chunk's fp32 logits, logsumexp's temporary; the
+        # hidden states' gradient and the labelled positions' states: 146 MiB, as scripts/bench_train.py measured
+        ("fused", 64 * 49152 * 4 + 2 * 4096 * 576 * 4),  # Liger: 4096 / ceil(49152 / 576) = 48 -> 64 positions
+    ],
+)
+def test_the_plan_counts_what_each_loss_path_holds(loss, held):
+    """SmolLM2-135M's shape in fp32 at one row of 4096 tokens, the QLoRA setup (the head is not trained)."""
+    recipe = default_recipe("llama-7b", [f"training.loss={loss}", "quantization.compute_dtype=fp32",
+                                         "data.source_max_len=3072", "data.target_max_len=1024"])  # fmt: skip
+    plan = plan_memory(recipe, SMOLLM2, device="cpu")
+    assert (plan.loss, plan.loss_reason, plan.seq_len) == (loss, f"training.loss={loss}", 4096)
+    setup = Setup("QLoRA", recipe.quantization, lora=True)
+    activations = Activations(SMOLLM2, setup, recipe, plan.lora_modules, c=4, residual=4, tokens=4096, loss=loss)
+    assert activations.loss_held() == held
+    assert f"loss over the vocabulary: {loss} (training.loss={loss})" in render_plan(plan).splitlines()
+
+
+def test_auto_plans_the_chunked_loss_on_the_cpu_and_it_lowers_the_peak_of_long_rows():
+    long_rows = ["data.source_max_len=3072", "data.target_max_len=1024", "training.gradient_checkpointing=true"]
+    auto = plan_memory(default_recipe("llama-7b", long_rows), SMOLLM2, device="cpu")
+    plain = plan_memory(default_recipe("llama-7b", [*long_rows, "training.loss=plain"]), SMOLLM2, device="cpu")
+    assert auto.loss == "chunked" and auto.loss_reason.startswith("auto: the llama head is a plain linear layer")
+    assert auto.estimates[0].peak() < plain.estimates[0].peak() - GIB  # 2.25 GiB of fp32 tensors against 0.14

@@ -31,6 +31,8 @@ def tiny_run(tmp_path_factory):
         "training.report_to=tensorboard",
         "data.eval_size=4",
         "eval.exact_match_samples=0",
+        "eval.loss_before_after=false",
+        "eval.knowledge_probes=[]",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return out

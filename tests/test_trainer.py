@@ -22,13 +22,14 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 from qlora_cli.config import Recipe, validate_recipe
 from qlora_cli.data import PaddingCollator, prepare_data
 from qlora_cli.errors import QloraError
-from qlora_cli.model import add_lora, load_model
+from qlora_cli.model import add_lora, load_model, model_source
 from qlora_cli.run_folder import RECIPE_FILE, RunFolder
 from qlora_cli.trainer import QloraTrainer, SeededLengthGroupedSampler, StepClock, build_trainer
 from tests.tiny import TINY_RECIPE
 
 OVERRIDDEN = [
-    "_get_output_dir", "_save_checkpoint", "get_batch_samples", "log", "_get_train_sampler", "evaluate", "train",
+    "_get_output_dir", "_save_checkpoint", "get_batch_samples", "_track_num_input_tokens", "log", "_get_train_sampler",
+    "compute_loss", "evaluate", "train",
 ]  # fmt: skip
 
 
@@ -247,8 +248,9 @@ def test_group_by_length_order_depends_on_seed_and_epoch_only():
 
 
 def test_logits_only_where_labels_are_give_the_loss_and_gradients_of_all_logits(tmp_path):
-    """What `qlora train` collates for a causal LM (head and loss on fewer positions) trains the same adapter."""
-    recipe = _recipe(tmp_path)
+    """What `qlora train` collates for a causal LM on the plain loss path (head and loss on fewer positions) trains
+    the same adapter."""
+    recipe = _recipe(tmp_path, loss="plain")
     trainer = _trainer(recipe)
     assert trainer.data_collator.logits_for_labels_only
     features = [trainer.train_dataset[i] for i in range(4)]
@@ -273,3 +275,47 @@ def test_an_encoder_decoder_model_gets_logits_at_every_position(tmp_path):
     raw = _recipe(tmp_path).model_dump(mode="json")
     raw["model"]["name_or_path"] = "builtin:tiny-t5"
     assert not _trainer(validate_recipe(raw)).data_collator.logits_for_labels_only
+
+
+def test_one_step_of_two_micro_batches_trains_the_same_adapter_with_the_chunked_loss_as_with_the_plain_one(
+    tmp_path, monkeypatch
+):
+    """The chunked loss is the Trainer's `compute_loss_func`: the Trainer counts num_items_in_batch over both
+    micro-batches and scales it as it scales the model's own loss; evaluation takes the same path. Under it the
+    model computes the logits of one position a row, never the vocabulary-wide logits of every position.
+
+    SGD, so that the step is the (clipped) gradient itself: Adam's first step is the learning rate times the
+    gradient's sign, which would hide a wrong scale. LoRA B starts at zero, so after one step it is that step."""
+    from transformers import set_seed
+
+    from qlora_cli import loss as loss_module
+
+    recipe = _recipe(tmp_path, max_steps=1, gradient_accumulation_steps=2, eval_steps=1, optim="sgd")
+    raw = recipe.model_dump(mode="json")
+    raw["quantization"]["compute_dtype"] = "fp32"
+    raw["lora"]["dropout"] = 0.0
+    raw["data"]["eval_size"] = 2
+    model_source(validate_recipe(raw).model)  # built before seeding, as `qlora train` does: a cold cache draws numbers
+    runs = {}
+    for path in ("plain", "chunked"):
+        raw["output_dir"], raw["training"]["loss"] = str(tmp_path / path), path
+        set_seed(0)  # the same LoRA initialisation
+        trainer = _trainer(validate_recipe(raw))
+        assert (trainer.head_loss is None) == (path == "plain")
+        monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 8 * trainer.model.config.vocab_size)  # chunks of 8
+        head_positions = set()
+        head = trainer.model.get_base_model().get_output_embeddings()
+        head.register_forward_hook(lambda module, args, output: head_positions.add(args[0].shape[1]))
+        trainer.train()
+        adapter = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+        logged = {key: e[key] for e in trainer.state.log_history for key in ("loss", "eval_loss") if key in e}
+        runs[path] = adapter, logged, head_positions
+    (plain, plain_logged, plain_positions), (chunked, chunked_logged, chunked_positions) = runs.values()
+    assert chunked_positions == {1} and max(plain_positions) > 1
+    assert plain_logged.keys() == {"loss", "eval_loss"}
+    for key, value in plain_logged.items():
+        assert chunked_logged[key] == pytest.approx(value, rel=1e-6), key
+    assert plain.keys() == chunked.keys()
+    for name, step in plain.items():
+        assert step.abs().max() > 0, name
+        torch.testing.assert_close(chunked[name], step, rtol=0, atol=1e-5 * step.abs().max().item(), msg=name)

@@ -30,7 +30,7 @@ def trained_adapter(model: str) -> Path:
             "train", "--config", str(REPO / "configs/demo.yaml"), f"output_dir={out}",
             f"model.name_or_path={MODELS[model]}", "training.max_steps=2", "training.batch_size=2",
             f"training.learning_rate={LEARNING_RATES.get(model, '3e-4')}", "training.save_steps=100", "data.eval_size=8",
-            "eval.exact_match_samples=0", "--overwrite",
+            "eval.exact_match_samples=0", "eval.loss_before_after=false", "eval.knowledge_probes=[]", "--overwrite",
         )  # fmt: skip
     return out
 

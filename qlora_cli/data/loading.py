@@ -11,6 +11,7 @@ from typing import Any
 
 from qlora_cli.config import DataConfig
 from qlora_cli.data.formats import FORMATS, DatasetFormat, SkipRecord
+from qlora_cli.data.packing import PackedRows, pack
 from qlora_cli.data.tokenize import tokenize_batch
 from qlora_cli.errors import QloraError
 from qlora_cli.model_kind import ModelKind
@@ -24,6 +25,12 @@ class PreparedData:
     train: Any  # datasets.Dataset with input_ids, labels, length, source, target
     eval: Any | None
     skipped: Counter = field(default_factory=Counter)
+    packed: PackedRows | None = None  # data.packing: the training examples packed into rows; evaluation is not
+
+    @property
+    def train_rows(self) -> Any:
+        """What the Trainer trains on: the packed rows, else the examples."""
+        return self.packed.rows if self.packed is not None else self.train
 
     @property
     def truncated(self) -> int:
@@ -63,7 +70,8 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, *, kind: ModelKind, seed: int)
             f"no example of {_describe_source(cfg, fmt)} has a target token left to train on ({_skips(skipped)}): "
             f"check data.target_max_len ({cfg.target_max_len}) and that the tokenizer has an EOS token"
         )
-    return PreparedData(train=train, eval=evaluation, skipped=skipped)
+    packed = pack(train, cfg) if cfg.packing else None
+    return PreparedData(train=train, eval=evaluation, skipped=skipped, packed=packed)
 
 
 def load_raw(cfg: DataConfig, fmt: DatasetFormat) -> tuple[Any, Any | None]:

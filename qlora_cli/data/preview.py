@@ -11,7 +11,9 @@ from typing import Any, Iterator
 
 from qlora_cli.config import Recipe
 from qlora_cli.data.loading import PreparedData, prepare_data
-from qlora_cli.model_kind import ModelKind
+from qlora_cli.data.packing import batch_fill, packing_problem
+from qlora_cli.errors import QloraError
+from qlora_cli.model_kind import ModelKind, kind_of
 
 
 @dataclass
@@ -24,10 +26,13 @@ class DataPreview:
 
 
 def preview_data(recipe: Recipe, num: int) -> DataPreview:
-    from qlora_cli.model import load_tokenizer, model_kind
+    from qlora_cli.model import load_tokenizer, model_config
 
+    config = model_config(recipe.model)
+    if recipe.data.packing and (problem := packing_problem(config, recipe.model.attn_implementation)):
+        raise QloraError(problem)
     tokenizer = load_tokenizer(recipe.model)
-    kind = model_kind(recipe.model)
+    kind = kind_of(config)
     data = prepare_data(recipe.data, tokenizer, kind=kind, seed=recipe.training.seed)
     rows = list(data.train.select(range(min(num, len(data.train)))))
     return DataPreview(recipe, data, tokenizer, kind, rows)
@@ -48,10 +53,27 @@ def summary(preview: DataPreview) -> str:
     skipped = sum(data.skipped.values())
     reasons = f" ({', '.join(f'{n} {reason}' for reason, n in data.skipped.most_common())})" if skipped else ""
     loss_on = "source and target" if cfg.train_on_source and preview.kind.can_train_on_source else "the target only"
-    return (
+    lines = [
         f"{cfg.dataset} from {where}: {len(data.train):,} train and {eval_n:,} eval examples; "
-        f"{data.truncated:,} truncated, {skipped:,} skipped{reasons}\n"
-        f"source at most {cfg.source_max_len} tokens, target at most {cfg.target_max_len}; loss on {loss_on}"
+        f"{data.truncated:,} truncated, {skipped:,} skipped{reasons}",
+        f"source at most {cfg.source_max_len} tokens, target at most {cfg.target_max_len}; loss on {loss_on}",
+    ]
+    if data.packed is not None:
+        lines.append(f"packing: {data.packed.describe()}")
+    lines.append(_batch_fill(preview))
+    return "\n".join(lines)
+
+
+def _batch_fill(preview: DataPreview) -> str:
+    """How much of a training batch is real tokens, packed and not, in a random order as training draws them."""
+    batch, seed, data = preview.recipe.training.batch_size, preview.recipe.training.seed, preview.data
+    unpacked = f"a batch of {batch} examples is {100 * batch_fill(data.train['length'], batch, seed):.1f}% real tokens"
+    if data.packed is None:
+        return f"{unpacked} (random order; training.group_by_length pads less)"
+    packed = batch_fill(data.packed.rows["length"], batch, seed)
+    return (
+        f"a batch of {batch} rows is {100 * packed:.1f}% real tokens ({100 * packed * data.packed.fill:.1f}% of "
+        f"{batch} x {data.packed.max_len:,} tokens); unpacked, {unpacked} (random order)"
     )
 
 

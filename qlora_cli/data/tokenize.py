@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from qlora_cli.config import DataConfig
+from qlora_cli.data.packing import flash_lengths
 from qlora_cli.model_kind import IGNORE_INDEX, ModelKind
 
 __all__ = ["IGNORE_INDEX", "PaddingCollator", "tokenize_batch", "tokenize_example"]
@@ -43,6 +44,11 @@ def _assemble(tokenizer: Any, src: list[int], tgt: list[int], cfg: DataConfig, k
 class PaddingCollator:
     """Right-pads each key to the longest in the batch; labels are padded with -100 so padding never counts.
 
+    Packed rows (with `position_ids`, data/packing.py) get no attention mask: transformers tells their documents
+    apart by the position ids, which restart at 0 for each document (padding positions are 0: one-token documents).
+    `flash_attention`: the documents' lengths are passed too, which flash-attention needs to isolate them in a
+    batch of several rows.
+
     `logits_for_labels_only` (decoder-only models whose forward takes `logits_to_keep`): the model computes
     the vocabulary-wide head and loss only at positions some row of the batch predicts a label from
     (`logits_to_keep`, with `shift_labels` for them), not over every prompt token. The loss is the same;
@@ -52,13 +58,16 @@ class PaddingCollator:
     pad_token_id: int
     padding_side: str = "right"
     logits_for_labels_only: bool = False
+    flash_attention: bool = False
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        input_ids = self._pad([f["input_ids"] for f in features], self.pad_token_id)
-        batch = {
-            "input_ids": input_ids,
-            "attention_mask": self._pad([[1] * len(f["input_ids"]) for f in features], 0),
-        }
+        batch = {"input_ids": self._pad([f["input_ids"] for f in features], self.pad_token_id)}
+        if "position_ids" in features[0]:
+            batch["position_ids"] = self._pad([f["position_ids"] for f in features], 0)
+            if self.flash_attention:
+                batch |= flash_lengths(batch["position_ids"])
+        else:
+            batch["attention_mask"] = self._pad([[1] * len(f["input_ids"]) for f in features], 0)
         if "labels" in features[0]:
             batch["labels"] = self._pad([f["labels"] for f in features], IGNORE_INDEX)
             if self.logits_for_labels_only:

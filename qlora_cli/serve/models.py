@@ -115,7 +115,7 @@ def vllm_command(target: ServeTarget, *, host: str, port: int, api_key: str | No
         model = target.model  # type: ignore[union-attr]  # resolve_target: a model when no adapters
         command = ["vllm", "serve", _vllm_model(model), "--served-model-name", model.name_or_path]
     else:
-        adapters = [read_adapter(path) for _, path in target.adapters]
+        adapters = [_vllm_adapter(name, read_adapter(path)) for name, path in target.adapters]
         first = adapters[0]
         base = _vllm_model(target.model or first.base_model())
         command = ["vllm", "serve", base]
@@ -123,7 +123,7 @@ def vllm_command(target: ServeTarget, *, host: str, port: int, api_key: str | No
             command += ["--quantization", "bitsandbytes"]  # the adapters were trained against a 4-bit base
         rank = max(int(a.config.get("r", 16)) for a in adapters)
         command += ["--enable-lora", "--max-lora-rank", str(rank), "--lora-modules"]
-        command += [f"{name}={path.resolve()}" for name, path in target.adapters]
+        command += [f"{name}={a.path.resolve()}" for (name, _), a in zip(target.adapters, adapters)]
         if first.recipe is not None and first.recipe.data.dataset == "oasst1":
             command += ["--chat-template", GUANACO_CHAT_TEMPLATE]  # the tokenizer has none: Guanaco's layout
     if target.compute_dtype:
@@ -132,6 +132,24 @@ def vllm_command(target: ServeTarget, *, host: str, port: int, api_key: str | No
     if api_key:
         command += ["--api-key", api_key]
     return shlex.join(command)
+
+
+def _vllm_adapter(name: str, adapter: TrainedAdapter) -> TrainedAdapter:
+    """The adapter vLLM loads as trained: itself, a 16-bit run's plain-LoRA conversion, or a refusal in one line.
+
+    vLLM's LoRA applies rsLoRA's scale but has no DoRA, no trained embedding rows, and cannot rebuild a base that a
+    PiSSA/OLoRA/LoftQ start changed (the conversion against the untouched base matches only an unquantized run).
+    """
+    plain = adapter.plain_lora()
+    if plain is not None and adapter.quantization.bits == 16:
+        adapter = plain
+    unsupported = [need for need in adapter.needs() if need != "rsLoRA scaling"]
+    if unsupported:
+        raise QloraError(
+            f"vLLM cannot serve adapter {name} as trained ({unsupported[0]}): serve it with `qlora serve`, or merge "
+            "it with `qlora merge-adapter` and hand vLLM the merged folder"
+        )
+    return adapter
 
 
 def _vllm_model(model: ModelConfig) -> str:
