@@ -6,6 +6,7 @@
         --model ../shared/data/models/smollm2-135m-instruct-gguf/SmolLM2-135M-Instruct.Q4_1.gguf
     python scripts/bench_train.py --profile             # also: where each setup's time goes
     python scripts/bench_train.py --model builtin:smollm2-135m-instruct --loss-paths --steps 3   # issue 31
+    python scripts/bench_train.py --model builtin:smollm2-135m-instruct --packing --batch-size 1 --steps 4
     python scripts/bench_train.py --model builtin:smollm2-135m-instruct --recipe smollm2-135m-guanaco \
         --setups qlora,dora,rslora,pissa,olora,loftq,tokens --set data.eval_size=32   # issue 32
 
@@ -35,6 +36,10 @@ rows of exactly --row-lengths random tokens (loss on every token), batch 1, grad
 needs it; `--set training.gradient_checkpointing=false` to compare without), in a fresh process per row length
 and path. Beside each: the head and loss of one such row alone (fp32, as QLoRA keeps the head), forward and
 backward: torch's allocated peak and its time, and what `qlora plan` counts for it.
+
+Packing (--packing, real-model mode): the alpaca-7b and guanaco-7b recipes (the --data file in the Guanaco text
+layout for the second) at their own lengths and --batch-size, unpacked and then packed into rows of up to
+--packed-len tokens: real (non-pad) tokens/s, per CPU-second, and the step's peak.
 
 Every setup trains in a fresh process after a one-step warm-up run. The first timed step warms up and
 is left out; tokens/s is the median over the rest of (tokens the step trained on) / (its seconds).
