@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
@@ -30,6 +30,11 @@ class ModelConfig(_Section):
     revision: str | None = None
     trust_remote_code: bool = False
     attn_implementation: str | None = None
+    adapter: str | None = Field(
+        None,
+        description="A finished run (or PEFT adapter folder) whose adapter training continues from, e.g. DPO after "
+        "SFT; for dpo and kto it is also the reference.",
+    )
 
 
 class QuantizationConfig(_Section):
@@ -145,7 +150,16 @@ class DataConfig(_Section):
         return self
 
 
+TRAINING_METHODS = ("sft", "dpo", "orpo", "kto")
+PREFERENCE_METHODS = TRAINING_METHODS[1:]
+
+
 class TrainingConfig(_Section):
+    method: Literal["sft", "dpo", "orpo", "kto"] = Field(
+        "sft",
+        description="sft: supervised (the paper's); dpo, orpo: pairs of a chosen and a rejected reply; kto: replies "
+        "labelled desirable or not. The preference methods run TRL's trainers; their settings are in `preference:`.",
+    )
     batch_size: int = Field(1, gt=0, description="Per-device micro batch.")
     gradient_accumulation_steps: int = Field(16, gt=0)
     learning_rate: float = Field(2e-4, gt=0)
@@ -217,6 +231,41 @@ class TrainingConfig(_Section):
         return self.batch_size * self.gradient_accumulation_steps
 
 
+class PreferenceConfig(_Section):
+    """Settings of training.method dpo, orpo and kto (TRL's DPOConfig, ORPOConfig, KTOConfig fields)."""
+
+    beta: float = Field(
+        0.1, gt=0, description="dpo, kto: how far the policy may move from the reference; orpo: the odds-ratio weight."
+    )
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
+        "sigmoid", description="dpo: sigmoid (DPO), ipo (IPO), hinge (SLiC), robust (label noise)."
+    )
+    reference: Literal["live", "precomputed"] = Field(
+        "live",
+        description="dpo, kto: the reference log-probs computed beside each step, or once before training (a pass "
+        "over the data first; no reference forward in a step).",
+    )
+    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of desirable replies' losses.")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of undesirable replies' losses.")
+
+    # Which training.method reads each field; a field set for another method is refused.
+    APPLIES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "beta": PREFERENCE_METHODS,
+        "loss_type": ("dpo",),
+        "reference": ("dpo", "kto"),
+        "desirable_weight": ("kto",),
+        "undesirable_weight": ("kto",),
+    }
+
+    def misplaced(self, method: str) -> list[str]:
+        """Fields set away from their default that `method` does not read (a saved recipe holds every default)."""
+        return [
+            name
+            for name, info in type(self).model_fields.items()
+            if method not in self.APPLIES[name] and getattr(self, name) != info.default
+        ]
+
+
 class MmluEvalConfig(_Section):
     every_n_steps: int = Field(200, gt=0)
     split: Literal["val", "test"] = "val"
@@ -259,6 +308,7 @@ class Recipe(_Section):
     lora: LoraConfig = LoraConfig()
     data: DataConfig = DataConfig()
     training: TrainingConfig = TrainingConfig()
+    preference: PreferenceConfig = PreferenceConfig()
     eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
@@ -272,12 +322,54 @@ class Recipe(_Section):
             raise ValueError("FSDP cannot shard 8-bit (LLM.int8) weights: use quantization.bits=4 or 16")
         self._check_lora()
         self._check_engines()
+        self._check_method()
         return self
+
+    def _check_method(self) -> None:
+        from qlora_cli.data.formats import FORMATS
+
+        method, fmt = self.training.method, FORMATS[self.data.dataset]
+        for name in self.preference.misplaced(method):
+            readers = "|".join(PreferenceConfig.APPLIES[name])
+            raise ValueError(f"preference.{name} applies to training.method={readers}, not {method}")
+        if method not in fmt.methods:
+            serving = [f.name for f in FORMATS.values() if method in f.methods]
+            raise ValueError(
+                f"data.dataset={fmt.name} has no data for training.method={method} ({fmt.description}); "
+                f"datasets that do: {', '.join(serving)}"
+            )
+        if method == "sft":
+            return
+        if not self.lora.enabled:
+            raise ValueError(  # the reference is the model with the adapter's start, which full finetuning lacks
+                f"training.method={method} trains a LoRA adapter on the quantized base: set lora.enabled=true"
+            )
+        if self.data.packing:
+            raise ValueError(f"data.packing packs supervised examples; training.method={method} trains on pairs")
+        if self.training.loss in ("chunked", "fused"):
+            raise ValueError(
+                f"training.loss={self.training.loss} is the supervised loss; training.method={method} is TRL's own: "
+                "leave training.loss=auto"
+            )
+        if method == "kto" and self.training.batch_size < 2:
+            raise ValueError(  # TRL refuses it too, once the model is loaded
+                "training.method=kto needs training.batch_size of at least 2: its KL term scores each prompt with "
+                "another row's reply from the same batch"
+            )
+        if self.eval.exact_match_samples:
+            raise ValueError(
+                f"eval.exact_match_samples compares generations with held-out targets; training.method={method} "
+                "reports held-out preference accuracy and margin instead: set it to 0"
+            )
 
     def _check_lora(self) -> None:
         lora, bits = self.lora, self.quantization.bits
+        if self.model.adapter and not lora.enabled:
+            raise ValueError("model.adapter continues a LoRA adapter: set lora.enabled=true")
         if not lora.enabled:
             return
+        if self.model.adapter and lora.init != "default":
+            raise ValueError(f"lora.init={lora.init} starts a new adapter; model.adapter continues a trained one")
         if lora.init == "loftq" and bits != 4:
             raise ValueError(f"lora.init=loftq fits the adapter to 4-bit quantization error; this base is {bits}-bit")
         if lora.changes_base and bits == 8:

@@ -55,3 +55,20 @@ def use_cpu_dropout(model: Any) -> int:
                 module.lora_dropout[name] = CpuDropout(dropout.p)
                 swapped += 1
     return swapped
+
+
+def remove_lora_dropout(model: Any) -> int:
+    """Every LoRA dropout becomes the identity (peft's own for dropout 0); returns how many were dropouts.
+
+    TRL's `disable_dropout` reaches `nn.Dropout` modules only, not `CpuDropout`; preference training needs them
+    all off, or the policy scores a pair differently from its reference copy at the very start."""
+    from peft.tuners.lora import LoraLayer
+
+    removed = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for name, dropout in module.lora_dropout.items():
+                if not isinstance(dropout, nn.Identity):
+                    module.lora_dropout[name] = nn.Identity()
+                    removed += 1
+    return removed

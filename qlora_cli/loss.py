@@ -61,10 +61,11 @@ def choose_loss(recipe: Recipe, model_type: str, *, encoder_decoder: bool, devic
     The recipe itself is valid (config.py refuses chunked and fused with a sharding engine); whether the
     fused kernel can run is preflight's question, asked before this for an explicit `fused`.
     """
-    setting = recipe.training.loss
+    setting, t = recipe.training.loss, recipe.training
+    if t.method != "sft":  # config.py refuses chunked and fused for them
+        return LossChoice("plain", f"training.method={t.method}: TRL's trainer computes the loss its own way")
     if setting == "plain":
         return LossChoice("plain", "training.loss=plain")
-    t = recipe.training
     if t.fsdp or t.deepspeed:  # auto: config.py refuses the others
         engine = "training.fsdp" if t.fsdp else "training.deepspeed"
         return LossChoice("plain", f"auto: {engine} shards the output head")

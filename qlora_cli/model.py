@@ -35,6 +35,7 @@ from qlora_cli.model_kind import ModelKind, kind_of
 from qlora_cli.run_folder import ADAPTER_CONFIG_FILE, has_adapter, staged_folder
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TRAINED_ADAPTER = "default"  # peft's name for the adapter a run trains (TRL adds a frozen "ref" copy beside it)
 COMPUTE_DTYPE_SETTING = "quantization.compute_dtype"  # where a recipe sets it; inference commands: --compute-dtype
 
 
@@ -271,9 +272,15 @@ def load_for_inference(
 
 
 def attach_adapter(
-    loaded: LoadedModel, adapter: str | os.PathLike, name: str = "default", *, base: ModelConfig | None = None
+    loaded: LoadedModel,
+    adapter: str | os.PathLike,
+    name: str = TRAINED_ADAPTER,
+    *,
+    base: ModelConfig | None = None,
+    trainable: bool = False,
 ) -> None:
-    """Load a trained LoRA adapter onto `loaded` under `name` (a second one sits beside the first), in eval mode.
+    """Load a trained LoRA adapter onto `loaded` under `name` (a second one sits beside the first), in eval mode;
+    `trainable`: to train it further (model.adapter), in train mode.
 
     An adapter whose start changed the base (PiSSA, OLoRA, LoftQ) first has that base rebuilt from the 16-bit
     weights of `base`; it cannot share the base with another adapter.
@@ -299,10 +306,10 @@ def attach_adapter(
     with refusing_pickled_code(adapter):
         try:
             if isinstance(loaded.model, PeftModel):
-                loaded.model.load_adapter(str(adapter), adapter_name=name, is_trainable=False)
+                loaded.model.load_adapter(str(adapter), adapter_name=name, is_trainable=trainable)
             else:
                 loaded.model = PeftModel.from_pretrained(
-                    loaded.model, str(adapter), adapter_name=name, is_trainable=False, config=config
+                    loaded.model, str(adapter), adapter_name=name, is_trainable=trainable, config=config
                 )
         except torch.OutOfMemoryError:
             raise
@@ -311,7 +318,11 @@ def attach_adapter(
             reason = next((line for line in lines if "size mismatch" in line), lines[0] if lines else repr(exc))
             raise QloraError(f"adapter {adapter} does not fit base model {loaded.source}: {reason}") from None
     check_adapter_fits(loaded.model, adapter, loaded.source, name)
-    loaded.model.eval()
+    if trainable:
+        use_cpu_dropout(loaded.model)
+        loaded.model.train()
+    else:
+        loaded.model.eval()
 
 
 def chosen_model(model: str | None, gguf_file: str | None = None, *, option: str = "--model") -> ModelConfig | None:

@@ -265,6 +265,7 @@ class MemoryPlan:
     batch_size: int
     seq_len: int
     packed: bool  # data.packing: batch_size counts rows of seq_len tokens
+    sequences_per_row: int  # dpo, orpo: 2, a row is a pair
     num_processes: int
     fsdp: bool
     auto_checkpointing: bool  # training.gradient_checkpointing=auto: planned as on, decided by `qlora train`
@@ -352,6 +353,7 @@ def plan_memory(recipe: Recipe, arch: Architecture, *, device: str = "cuda", num
         batch_size=recipe.training.batch_size,
         seq_len=seq_len,
         packed=recipe.data.packing,
+        sequences_per_row=sequences_per_row(recipe),
         num_processes=num_processes,
         fsdp=recipe.training.fsdp and num_processes > 1,
         auto_checkpointing=recipe.training.gradient_checkpointing == "auto",
@@ -398,7 +400,7 @@ def _estimate(
     elif num_processes > 1:  # DDP reduces gradients through buckets of the same size
         gradients *= 2
 
-    tokens = recipe.training.batch_size * seq_len
+    tokens = sequences_per_row(recipe) * recipe.training.batch_size * seq_len
     act = Activations(arch, setup, recipe, modules, c=c, residual=4 if quantized else c, tokens=tokens, loss=loss)
     return Estimate(
         label=setup.label,
@@ -413,6 +415,14 @@ def _estimate(
         overhead=CUDA_CONTEXT if device == "cuda" else CPU_PROCESS,
         gradient_checkpointing=recipe.training.gradient_checkpointing is not False,  # auto: planned as on
     )
+
+
+def sequences_per_row(recipe: Recipe) -> int:
+    """A dpo or orpo row is a pair: its chosen and rejected sequences go through the policy in one batch.
+
+    The reference's forward (dpo, kto) keeps nothing for the backward pass and is not counted; nor are TRL's
+    per-token statistics, computed in chunks."""
+    return 2 if recipe.training.method in ("dpo", "orpo") else 1
 
 
 def _trainable_tensors(arch: Architecture, lora: LoraConfig, modules: tuple[str, ...]) -> list[int]:
@@ -624,9 +634,10 @@ def render_plan(plan: MemoryPlan, budget: int | None = None) -> str:
     procs = "1 process"
     if plan.num_processes > 1:
         procs = f"{plan.num_processes} processes{' with FSDP' if plan.fsdp else ' (DDP)'}"
+    rows = " packed rows" if plan.packed else " pairs (chosen + rejected)" if plan.sequences_per_row == 2 else ""
     head = [
         f"{a.name}: {a.params / 1e9:.2f}B parameters ({a.layers} layers, hidden {a.hidden}, vocab {a.vocab})",
-        f"batch {plan.batch_size}{' packed rows' if plan.packed else ''} x {plan.seq_len} tokens, {plan.optim}, "
+        f"batch {plan.batch_size}{rows} x {plan.seq_len} tokens, {plan.optim}, "
         f"{plan.compute_dtype} compute on {plan.device} "
         f"({plan.compute_reason}), {procs}",
         f"LoRA r={plan.lora_r} on {', '.join(plan.lora_modules)}",

@@ -90,6 +90,24 @@ def figures(history: list[dict[str, Any]]) -> dict[str, Any]:
         ax.plot(peak_steps, [m / 2**30 for m in peak], linestyle="--", label="peak")
         ax.legend()
         made["memory"] = fig
+    rewards = [(key, label) for key, label in PREFERENCE_CURVES if series(history, key)[0]]
+    if rewards:  # dpo, kto: TRL logs rewards relative to the reference
+        fig, ax = _figure("Preference rewards (beta x log-ratio to the reference)", "reward")
+        for key, label in rewards:
+            x, y = series(history, key)
+            ax.plot(x, y, marker="." if len(x) < 50 else None, label=label)
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.legend()
+        made["rewards"] = fig
+    x, y = series(history, "rewards/accuracies")
+    if x:
+        fig, ax = _figure("Preference accuracy (chosen reward above rejected)", "accuracy")
+        ax.plot(x, y, marker="." if len(x) < 50 else None, label="train")
+        eval_x, eval_y = series(history, "eval_rewards/accuracies")
+        if eval_x:
+            ax.plot(eval_x, eval_y, marker="o", label="eval")
+        ax.legend()
+        made["preference_accuracy"] = fig
     keys = mmlu_keys(history)
     if keys:
         fig, ax = _figure("MMLU accuracy", "accuracy")
@@ -99,6 +117,13 @@ def figures(history: list[dict[str, Any]]) -> dict[str, Any]:
         ax.legend()
         made["mmlu"] = fig
     return made
+
+
+PREFERENCE_CURVES = [
+    ("rewards/chosen", "chosen"),
+    ("rewards/rejected", "rejected"),
+    ("rewards/margins", "margin (chosen - rejected)"),
+]
 
 
 def _figure(title: str, ylabel: str) -> tuple[Any, Any]:
@@ -145,6 +170,7 @@ def recipe_rows(recipe: Recipe, metrics: dict[str, Any] | None) -> Rows:
     rows = [
         ("Model", f"{recipe.model.name_or_path} ({base}, compute dtype {_compute_dtype(q, metrics)})"),
         ("LoRA", f"r={lora.r}, alpha={lora.alpha:g}, dropout={lora.dropout:g} on {targets}" if lora.enabled else "off"),
+        ("Method", _method(recipe)),
         ("Dataset", f"{data.dataset} from {source}; source/target max {data.source_max_len}/{data.target_max_len}"),
         ("Batch", f"{t.batch_size} per device x {t.gradient_accumulation_steps} accumulation "
                   f"= {t.effective_batch_size}"),
@@ -168,6 +194,16 @@ def recipe_rows(recipe: Recipe, metrics: dict[str, Any] | None) -> Rows:
     return rows
 
 
+def _method(recipe: Recipe) -> str:
+    t, p = recipe.training, recipe.preference
+    start = f", continuing {recipe.model.adapter}" if recipe.model.adapter else ""
+    if t.method == "sft":
+        return f"supervised (loss on {'source and target' if recipe.data.train_on_source else 'the target'}){start}"
+    reference = f", reference log-probs {p.reference}" if t.method != "orpo" else ""
+    loss = f", loss {p.loss_type}" if t.method == "dpo" else ""
+    return f"{t.method.upper()} through TRL, beta {p.beta:g}{loss}{reference}{start}"
+
+
 def result_rows(metrics: dict[str, Any] | None, history: list[dict[str, Any]]) -> Rows:
     """Final numbers: from metrics.json when the run finished, the last logged values otherwise."""
     metrics = metrics or {}
@@ -186,6 +222,14 @@ def result_rows(metrics: dict[str, Any] | None, history: list[dict[str, Any]]) -
     if "eval_loss_before" in metrics:
         before, after = metrics["eval_loss_before"], metrics["eval_loss_after"]
         rows.append(("Held-out loss", f"{before:.4f} before -> {after:.4f} after"))
+    for label, key, percent in [
+        ("Held-out preference accuracy (chosen reward above rejected)", "eval_preference_accuracy", True),
+        ("Held-out reward margin", "eval_reward_margin", False),
+    ]:
+        if f"{key}_before" in metrics:
+            before, after = metrics[f"{key}_before"], metrics[f"{key}_after"]
+            shown = (f"{100 * before:.1f}%", f"{100 * after:.1f}%") if percent else (f"{before:.4f}", f"{after:.4f}")
+            rows.append((label, f"{shown[0]} before -> {shown[1]} after"))
     if "knowledge_probes" in metrics:
         n = metrics["knowledge_probes"]
         rows.append((

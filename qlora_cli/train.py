@@ -12,11 +12,12 @@ from typing import Any
 import yaml
 from transformers import set_seed
 
-from qlora_cli.adapter import prompt_format
+from qlora_cli.adapter import prompt_format, read_adapter
 from qlora_cli.builtin import resolve_builtin_model
 from qlora_cli.config import Recipe, training_drift
 from qlora_cli.data import PreparedData, prepare_data
 from qlora_cli.data.packing import PackedRows, packing_problem
+from qlora_cli.data.preference import PreferenceData, prepare_preference_data
 from qlora_cli.distributed import announce_processes, join_processes
 from qlora_cli.errors import QloraError, refusing_pickled_code
 from qlora_cli.eval.exact_match import Questions
@@ -24,13 +25,17 @@ from qlora_cli.guards import check_adapter, fingerprint
 from qlora_cli.loss import loss_for_model
 from qlora_cli.memory import MemoryMeter
 from qlora_cli.plan import checkpointing_for_run
+from qlora_cli.preference import build_preference_trainer
 from qlora_cli.model import (
+    TRAINED_ADAPTER,
     LoadedModel,
     add_lora,
+    attach_adapter,
     count_parameters,
     device_for_process,
     load_model,
     model_config,
+    model_kind,
     model_source,
     save_as_plain_lora,
     start_from_16bit,
@@ -109,6 +114,12 @@ def _train(
             resolve_builtin_model(recipe.model.tokenizer)
     if recipe.data.packing and (problem := packing_problem(model_config(recipe.model), recipe.model.attn_implementation)):
         raise QloraError(problem)
+    method = recipe.training.method
+    if method != "sft" and model_kind(recipe.model).name != "causal":
+        raise QloraError(f"training.method={method}: TRL's {method.upper()} trains decoder-only models; "
+                         f"{recipe.model.name_or_path} is an encoder-decoder")
+    if recipe.model.adapter:
+        check_continued_adapter(recipe)
     set_seed(recipe.training.seed)
     checkpointing = checkpointing_for_run(recipe, num_processes=processes.num_processes)  # auto: the plan decides
     loss = loss_for_model(recipe, model_config(recipe.model), device=device_for_process())  # before any weight loads
@@ -118,24 +129,32 @@ def _train(
     loaded = load_model(
         recipe.model, recipe.quantization, gradient_checkpointing=t.gradient_checkpointing and not t.fsdp, fsdp=t.fsdp
     )
-    if recipe.lora.enabled:
+    if recipe.model.adapter:
+        attach_adapter(loaded, recipe.model.adapter, base=recipe.model, trainable=True)
+    elif recipe.lora.enabled:
         loaded.model = add_lora(loaded.model, recipe.lora, kind=loaded.kind, tokenizer=loaded.tokenizer)
         if recipe.lora.changes_base:  # every process starts the same; the main one records it
             record = run.path / BASE_INIT_DIR if processes.is_main_process else None
             start_from_16bit(loaded, recipe.model, recipe.lora, record)
-    data = prepare_data(recipe.data, loaded.tokenizer, kind=loaded.kind, seed=recipe.training.seed)
-    if data.packed is not None and len(data.packed.rows) < t.batch_size:
-        raise QloraError(
-            f"data.packing: the {data.packed.examples:,} training examples ({data.packed.tokens:,} tokens) fill "
-            f"{len(data.packed.rows)} row{'s' if len(data.packed.rows) > 1 else ''} of data.max_packed_len={recipe.data.max_packed_len}, fewer than the "
-            f"training.batch_size={t.batch_size} rows of one step: lower either, or set data.packing=false"
-        )
-    trainer = build_trainer(recipe, loaded, data)
+    if method == "sft":
+        data = prepare_data(recipe.data, loaded.tokenizer, kind=loaded.kind, seed=recipe.training.seed)
+        if data.packed is not None and len(data.packed.rows) < t.batch_size:
+            raise QloraError(
+                f"data.packing: the {data.packed.examples:,} training examples ({data.packed.tokens:,} tokens) fill "
+                f"{len(data.packed.rows)} row{'s' if len(data.packed.rows) > 1 else ''} of data.max_packed_len={recipe.data.max_packed_len}, fewer than the "
+                f"training.batch_size={t.batch_size} rows of one step: lower either, or set data.packing=false"
+            )
+        trainer = build_trainer(recipe, loaded, data)
+    else:
+        data = prepare_preference_data(recipe.data, method, loaded.tokenizer, seed=recipe.training.seed)
+        trainer = build_preference_trainer(recipe, loaded, data)
     is_main = trainer.is_world_process_zero()
     if is_main:
         _announce(recipe, loaded, data)
         if data.packed is not None:
             _announce_packing(recipe, data.packed, trainer.args.world_size)
+        if method != "sft":
+            _announce_preference(recipe)
         print(f"Gradient checkpointing {checkpointing}", file=sys.stderr)
         print(f"Loss over the vocabulary {loss}", file=sys.stderr)
         announce_processes(recipe.training, trainer.args.world_size)
@@ -144,8 +163,9 @@ def _train(
     questions = _questions(recipe, data, loaded)
     before = questions.ask(loaded) if questions else None
     loss_before = None
+    held_out = None if trainer.eval_dataset is not None else data.eval  # None: the trainer's own (TRL's: prepared)
     if recipe.eval.loss_before_after and data.eval is not None:
-        loss_before = HeldOutLossBeforeTraining(trainer, data.eval)
+        loss_before = HeldOutLossBeforeTraining(trainer, held_out)
         trainer.add_callback(loss_before)
 
     initial = fingerprint(loaded.model)
@@ -165,9 +185,8 @@ def _train(
     if data.packed is not None:
         p = data.packed
         metrics["packing"] = {"examples": p.examples, "rows": len(p.rows), "tokens": p.tokens, "max_len": p.max_len}
-    if loss_before is not None and loss_before.loss is not None:
-        after = trainer.evaluate(eval_dataset=data.eval)["eval_loss"]
-        metrics |= {"eval_loss_before": loss_before.loss, "eval_loss_after": after}
+    if loss_before is not None and loss_before.metrics is not None:
+        metrics |= held_out_before_after(loss_before.metrics, trainer.evaluate(eval_dataset=held_out))
     if questions:
         metrics |= questions.metrics(before, questions.ask(loaded))
     # Under FSDP every rank takes part in gathering the sharded adapter; rank 0 alone writes it.
@@ -177,7 +196,7 @@ def _train(
             print(f"warning: {warning}", file=sys.stderr)
         history = trainer.state.log_history
         with run.final_files() as staged:
-            loaded.model.save_pretrained(staged, state_dict=state_dict)
+            loaded.model.save_pretrained(staged, state_dict=state_dict, selected_adapters=[TRAINED_ADAPTER])
             loaded.tokenizer.save_pretrained(staged)
             (staged / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
             (staged / LOG_HISTORY_FILE).write_text(json.dumps(history, indent=2) + "\n")
@@ -187,6 +206,52 @@ def _train(
         run.mark_completed()
     losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
     return TrainResult(run.path, metrics, losses)
+
+
+# What `eval.loss_before_after` reports: the held-out loss, and for dpo/kto TRL's reward accuracy and margin.
+HELD_OUT_METRICS = {
+    "eval_loss": "eval_loss",
+    "eval_rewards/accuracies": "eval_preference_accuracy",
+    "eval_rewards/margins": "eval_reward_margin",
+}
+
+
+def held_out_before_after(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {
+        f"{name}_{when}": values[key]
+        for key, name in HELD_OUT_METRICS.items()
+        for when, values in (("before", before), ("after", after))
+        if key in before and key in after
+    }
+
+
+def check_continued_adapter(recipe: Recipe) -> None:
+    """`model.adapter` continues an adapter: it must have been trained on this base, in this recipe's LoRA shape."""
+    trained = read_adapter(recipe.model.adapter)
+    where = f"model.adapter={recipe.model.adapter}"
+    base = trained.base_model()
+    if (base.name_or_path, base.gguf_file) != (recipe.model.name_or_path, recipe.model.gguf_file):
+        raise QloraError(
+            f"{where} was trained on {base.name_or_path}, not model.name_or_path={recipe.model.name_or_path}"
+        )
+    if needs_rebuilt_base := [n for n in trained.needs() if n.startswith("the base")]:
+        plain = f"{recipe.model.adapter}/{PLAIN_LORA_DIR}"
+        raise QloraError(
+            f"{where} was trained against {needs_rebuilt_base[0]}; continuing it is not supported: continue its "
+            f"conversion to plain LoRA against the untouched base instead (model.adapter={plain})"
+        )
+    c, lora = trained.config, recipe.lora
+    for name, ours, theirs in (
+        ("r", lora.r, c.get("r")),
+        ("alpha", lora.alpha, c.get("lora_alpha")),
+        ("dora", lora.dora, bool(c.get("use_dora"))),
+        ("rslora", lora.rslora, bool(c.get("use_rslora"))),
+    ):
+        if ours != theirs:
+            raise QloraError(
+                f"lora.{name}={ours}, but {where} has {name}={theirs}: the adapter keeps its own shape; "
+                f"set lora.{name}={theirs} (or extend the recipe it was trained with)"
+            )
 
 
 def prepare_output_dir(run: RunFolder, *, overwrite: bool, resume: bool) -> bool:
@@ -309,7 +374,21 @@ def _announce_packing(recipe: Recipe, packed: PackedRows, processes: int) -> Non
     )
 
 
-def _announce(recipe: Recipe, loaded: LoadedModel, data: PreparedData) -> None:
+def _announce_preference(recipe: Recipe) -> None:
+    t, p = recipe.training, recipe.preference
+    start = f"the adapter of {recipe.model.adapter}" if recipe.model.adapter else "a fresh adapter"
+    reference = (
+        f"; reference: the model at the start ({start}), log-probs {p.reference}" if t.method != "orpo" else ""
+    )
+    grouped = "; training.group_by_length is off: a pair has no single length" if t.group_by_length else ""
+    print(
+        f"Preference training: {t.method.upper()} through TRL, beta {p.beta}{reference}; LoRA dropout off "
+        f"(TRL's disable_dropout){grouped}",
+        file=sys.stderr,
+    )
+
+
+def _announce(recipe: Recipe, loaded: LoadedModel, data: PreparedData | PreferenceData) -> None:
     trainable, total = count_parameters(loaded.model)
     q = recipe.quantization
     base = f"{q.bits}-bit" + (f" {q.quant_type}{' + double quant' if q.double_quant else ''}" if q.bits == 4 else "")
@@ -323,4 +402,5 @@ def _announce(recipe: Recipe, loaded: LoadedModel, data: PreparedData) -> None:
     skipped = sum(data.skipped.values())
     note = f"; skipped {skipped} ({', '.join(f'{n} {r}' for r, n in data.skipped.most_common())})" if skipped else ""
     cut = f"; {data.truncated:,} truncated to source/target max length" if data.truncated else ""
-    print(f"Data {recipe.data.dataset}: {len(data.train):,} train, {eval_n:,} eval examples{cut}{note}", file=sys.stderr)
+    rows = {"sft": "examples", "kto": "replies"}.get(recipe.training.method, "pairs")
+    print(f"Data {recipe.data.dataset}: {len(data.train):,} train, {eval_n:,} eval {rows}{cut}{note}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """The Hugging Face Trainer with what a QLoRA run needs inside it, each through one overridable method.
 
-As TRL's SFTTrainer does, the additions live in one subclass instead of callbacks that must run in a
-given order:
+As TRL's SFTTrainer does, the additions live in one class instead of callbacks that must run in a given order:
+`QloraOverrides`, put before any Trainer class (the Trainer itself for sft, TRL's DPOTrainer, ORPOTrainer and
+KTOTrainer for the preference methods, qlora_cli/preference.py), each override calling the class's own:
 
 - `_get_output_dir`, `_save_checkpoint`: the Trainer writes every checkpoint into `.staging/`; it is
   published (renamed into place, with its recipe) only once complete, then old ones are pruned.
@@ -41,10 +42,14 @@ from qlora_cli.model import LoadedModel, computes_logits_where_asked
 from qlora_cli.run_folder import TRAINER_STATE_FILE, RunFolder, checkpoint_name, trained_steps
 
 
-class QloraTrainer(Trainer):
+class QloraOverrides:
+    """The one place each Trainer override lives, whichever Trainer class follows it in the bases."""
+
     def __init__(self, *args: Any, recipe: Recipe, head_loss: HeadLoss | None = None, **kwargs: Any) -> None:
-        """`head_loss`: the chunked or fused loss path; None: the model's own loss."""
-        super().__init__(*args, compute_loss_func=head_loss, **kwargs)
+        """`head_loss`: the chunked or fused loss path; None: the Trainer class's own loss."""
+        if head_loss is not None:
+            kwargs["compute_loss_func"] = head_loss
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         self.recipe = recipe
         self.head_loss = head_loss
         self.run = RunFolder(Path(recipe.output_dir))
@@ -92,10 +97,14 @@ class QloraTrainer(Trainer):
 
     def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
         """Packed rows carry no attention mask, and the Trainer would then count every token that is not the pad
-        token: where EOS is the pad token (SmolLM2) it missed each document's EOS."""
-        if "position_ids" not in inputs or "attention_mask" in inputs:
-            return super()._track_num_input_tokens(inputs)
-        real = torch.as_tensor(real_tokens(inputs, self.processing_class.pad_token_id), device=self.args.device)
+        token: where EOS is the pad token (SmolLM2) it missed each document's EOS. ORPO's batches have no
+        `input_ids` (the Trainer would count nothing): their chosen and rejected rows, prompt included, count."""
+        if "input_ids" not in inputs and "chosen_attention_mask" in inputs:
+            real = inputs["chosen_attention_mask"].sum() + inputs["rejected_attention_mask"].sum()
+        elif "position_ids" in inputs and "attention_mask" not in inputs:
+            real = torch.as_tensor(real_tokens(inputs, self.processing_class.pad_token_id), device=self.args.device)
+        else:
+            return super()._track_num_input_tokens(inputs)  # type: ignore[misc]
         self.state.num_input_tokens_seen += self.accelerator.gather(real).sum().item()
 
     def training_seconds(self) -> float:
@@ -173,6 +182,10 @@ class QloraTrainer(Trainer):
         return TrainOutput(self.state.global_step, None, {})
 
 
+class QloraTrainer(QloraOverrides, Trainer):
+    """Supervised finetuning (training.method sft): the Trainer with qlora's overrides."""
+
+
 class HeldOutLossBeforeTraining(TrainerCallback):
     """`eval.loss_before_after`: the held-out loss once the Trainer has prepared the model, before the first step.
 
@@ -180,13 +193,17 @@ class HeldOutLossBeforeTraining(TrainerCallback):
     differed from a single process's with the same global batch (1.73 against 1.65 at step 1).
     """
 
-    def __init__(self, trainer: QloraTrainer, dataset: Any) -> None:
+    def __init__(self, trainer: Trainer, dataset: Any) -> None:
         self.trainer, self.dataset = trainer, dataset
-        self.loss: float | None = None  # None when training resumed: "before" was another run's
+        self.metrics: dict[str, float] | None = None  # None when training resumed: "before" was another run's
+
+    @property
+    def loss(self) -> float | None:
+        return self.metrics["eval_loss"] if self.metrics is not None else None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.global_step == 0:
-            self.loss = self.trainer.evaluate(eval_dataset=self.dataset)["eval_loss"]
+            self.metrics = self.trainer.evaluate(eval_dataset=self.dataset)
 
 
 class SeededLengthGroupedSampler(LengthGroupedSampler):
@@ -277,11 +294,19 @@ class TrainingProgress(TrainerCallback):
             self.bar = None
 
 
-def training_arguments(recipe: Recipe, compute_dtype: torch.dtype, *, has_eval: bool) -> TrainingArguments:
+def training_arguments(
+    recipe: Recipe,
+    compute_dtype: torch.dtype,
+    *,
+    has_eval: bool,
+    arguments: type[TrainingArguments] = TrainingArguments,
+    **method: Any,
+) -> TrainingArguments:
+    """The recipe's `TrainingArguments`; `arguments` a TRL config class (a subclass) and `method` its fields."""
     t = recipe.training
     on_gpu = torch.cuda.is_available()
     evaluate = has_eval and t.eval_steps is not None
-    return TrainingArguments(
+    common: dict[str, Any] = dict(
         output_dir=recipe.output_dir,
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.eval_batch_size,
@@ -320,6 +345,7 @@ def training_arguments(recipe: Recipe, compute_dtype: torch.dtype, *, has_eval: 
         log_level_replica="error",
         log_on_each_node=False,  # the first process of a second node is a replica too
     )
+    return arguments(**(common | method))
 
 
 def build_trainer(recipe: Recipe, loaded: LoadedModel, data: PreparedData) -> QloraTrainer:

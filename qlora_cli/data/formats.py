@@ -2,11 +2,13 @@
 
 Loss is computed on the target only (unless `data.train_on_source`), so the split between source and
 target is the whole point of a format. The paper's code (artidoro/qlora, `format_dataset`) is the
-reference for the eight instruction datasets.
+reference for the eight instruction datasets. Formats with preferences also give `Pair`s (a prompt, a chosen
+and a rejected reply: DPO, ORPO, and KTO unpaired) or `Judged` replies (KTO).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from typing import Any, Callable, NamedTuple
 
@@ -16,16 +18,39 @@ class Example(NamedTuple):
     target: str
 
 
+class Pair(NamedTuple):
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+class Judged(NamedTuple):
+    prompt: str
+    completion: str
+    desirable: bool
+
+
 class SkipRecord(Exception):
     """This record cannot be formatted (a missing field, an empty target); it is counted and skipped."""
+
+
+def checked_pair(prompt: str, chosen: str, rejected: str) -> Pair:
+    """A pair with nothing to prefer (an empty reply, the same reply twice) teaches nothing: skipped, counted."""
+    for name, reply in (("chosen", chosen), ("rejected", rejected)):
+        if not reply.strip():
+            raise SkipRecord(f"empty {name} reply")
+    if chosen.strip() == rejected.strip():
+        raise SkipRecord("chosen and rejected replies are identical")
+    return Pair(prompt, chosen, rejected)
 
 
 @dataclass(frozen=True)
 class DatasetFormat:
     name: str
     description: str
-    # One record -> one Example, or a list when a record holds several (task instances, chat turns).
-    to_example: Callable[[dict[str, Any]], Example | list[Example]]
+    # One record -> one Example, or a list when a record holds several (task instances, chat turns); None: the
+    # format holds no supervised target (KTO's labelled replies).
+    to_example: Callable[[dict[str, Any]], Example | list[Example]] | None
     prompt: Callable[[str], str]  # wraps a user's raw prompt the way training sources looked
     hub_id: str | None = None
     hub_config: str | None = None
@@ -34,8 +59,33 @@ class DatasetFormat:
     bind_tokenizer: Callable[[Any], DatasetFormat] | None = None  # for formats rendered by a chat template
     conversation: Callable[[list[dict[str, str]]], str] | None = None  # chat formats: the template renders it
     unused: Callable[[dict[str, Any]], str | None] | None = None  # a part of a record no example trains on
+    to_pair: Callable[[dict[str, Any]], Pair] | None = None  # a chosen and a rejected reply (dpo, orpo, kto)
+    to_judged: Callable[[dict[str, Any]], Judged] | None = None  # one reply labelled desirable or not (kto)
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The training methods this format has data for; KTO reads a pair as two labelled replies."""
+        return tuple(
+            method
+            for method, served in (
+                ("sft", self.to_example),
+                ("dpo", self.to_pair),
+                ("orpo", self.to_pair),
+                ("kto", self.to_pair or self.to_judged),
+            )
+            if served is not None
+        )
+
+    def judged(self, record: dict[str, Any]) -> list[Judged]:
+        """KTO's rows: the record's labelled reply, or a pair's chosen (desirable) and rejected (undesirable)."""
+        if self.to_judged is not None:
+            return [self.to_judged(record)]
+        pair = self.to_pair(record)  # type: ignore[misc]
+        return [Judged(pair.prompt, pair.chosen, True), Judged(pair.prompt, pair.rejected, False)]
 
     def examples(self, record: dict[str, Any]) -> list[Example]:
+        if self.to_example is None:
+            raise SkipRecord(f"{self.name} has no supervised target")
         made = self.to_example(record)
         made = [made] if isinstance(made, Example) else made
         if not made:
@@ -167,6 +217,44 @@ def _hh_rlhf(record: dict[str, Any]) -> Example:
     return Example("", non_empty(field(record, "chosen")))
 
 
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+def _hh_rlhf_pair(record: dict[str, Any]) -> Pair:
+    """The transcripts share every turn but the last reply: the prompt ends with the last shared `Assistant:`."""
+    chosen, rejected = field(record, "chosen"), field(record, "rejected")
+    shared = len(os.path.commonprefix([chosen, rejected]))
+    end = chosen.rfind(HH_ASSISTANT, 0, shared)  # the marker lies wholly inside the shared text
+    if end < 0:
+        raise SkipRecord("chosen and rejected share no conversation ending in 'Assistant:'")
+    end += len(HH_ASSISTANT)
+    replies = chosen[end:], rejected[end:]
+    if any("\n\nHuman:" in reply for reply in replies):
+        raise SkipRecord("chosen and rejected differ before their last reply")
+    return checked_pair(chosen[:end], *replies)
+
+
+# --------------------------------------------------------------------------- generic preferences
+
+
+def _preference_pair(record: dict[str, Any]) -> Pair:
+    return checked_pair(field(record, "prompt"), field(record, "chosen"), field(record, "rejected"))
+
+
+def _preference_chosen(record: dict[str, Any]) -> Example:
+    return Example(field(record, "prompt"), non_empty(field(record, "chosen")))
+
+
+def _kto_judged(record: dict[str, Any]) -> Judged:
+    label = record.get("label")
+    if not isinstance(label, bool) and label not in (0, 1):
+        raise SkipRecord(f"label {label!r} is not true or false")
+    completion = field(record, "completion")
+    if not completion.strip():
+        raise SkipRecord("empty completion")
+    return Judged(field(record, "prompt"), completion, bool(label))
+
+
 # --------------------------------------------------------------------------- task collections
 
 
@@ -258,14 +346,36 @@ class ChatRenderer:
             if message["role"] != "assistant":
                 continue
             non_empty(message["content"])
-            prompt = self.render(messages[:turn], generation_prompt=True)
-            full = self.render(messages[: turn + 1], generation_prompt=False)
-            if not full.startswith(prompt):
-                raise SkipRecord("chat template renders the reply in a way that changes the prompt before it")
-            examples.append(Example(self._strip_bos(prompt), self._strip_eos(full[len(prompt) :])))
+            examples.append(self._reply(messages[: turn + 1]))
         if not examples:
             raise SkipRecord("no assistant turn")
         return examples
+
+    def to_pair(self, record: dict[str, Any]) -> Pair:
+        """{chosen, rejected} conversations differing in their last (assistant) turn, or TRL's conversational
+        {prompt, chosen, rejected}: the shared turns, then one reply each."""
+        shared = [self._message(m) for m in items(record, "prompt")] if "prompt" in record else []
+        chosen, rejected = (
+            self._reply(shared + [self._message(m) for m in items(record, name)]) for name in ("chosen", "rejected")
+        )
+        if chosen.source != rejected.source:
+            raise SkipRecord("chosen and rejected conversations differ before their last reply")
+        return checked_pair(chosen.source, chosen.target, rejected.target)
+
+    def chosen_examples(self, record: dict[str, Any]) -> list[Example]:
+        """Supervised training on a pair file: the chosen conversation's replies."""
+        shared = record.get("prompt") if isinstance(record.get("prompt"), list) else []
+        return self.to_examples({"messages": shared + items(record, "chosen")})
+
+    def _reply(self, messages: list[dict[str, str]]) -> Example:
+        """The conversation's last turn (an assistant reply) as the target, what comes before as the source."""
+        if messages[-1]["role"] != "assistant":
+            raise SkipRecord("conversation does not end with an assistant reply")
+        prompt = self.render(messages[:-1], generation_prompt=True)
+        full = self.render(messages, generation_prompt=False)
+        if not full.startswith(prompt):
+            raise SkipRecord("chat template renders the reply in a way that changes the prompt before it")
+        return Example(self._strip_bos(prompt), self._strip_eos(full[len(prompt) :]))
 
     def prompt(self, text: str) -> str:
         return self.conversation([{"role": "user", "content": text}])
@@ -315,6 +425,18 @@ def _chat_format(tokenizer: Any) -> DatasetFormat:
     )
 
 
+def _chat_pairs_format(tokenizer: Any) -> DatasetFormat:
+    renderer = ChatRenderer(tokenizer)
+    return replace(
+        FORMATS["chat-pairs"],
+        to_example=renderer.chosen_examples,
+        to_pair=renderer.to_pair,
+        prompt=renderer.prompt,
+        conversation=renderer.conversation,
+        bind_tokenizer=None,
+    )
+
+
 def _needs_tokenizer(_: Any) -> Any:
     raise RuntimeError("the messages format renders with a chat template: use FORMATS[...].for_tokenizer(tokenizer)")
 
@@ -341,11 +463,13 @@ FORMATS: dict[str, DatasetFormat] = {
         ),
         DatasetFormat(
             "hh-rlhf",
-            "Anthropic HH-RLHF {chosen, rejected}: the chosen transcript, trained whole",
+            "Anthropic HH-RLHF {chosen, rejected}: sft trains the chosen transcript whole; dpo/orpo/kto split off "
+            "the shared conversation as the prompt",
             _hh_rlhf,
             prompt=hh_rlhf_prompt,
             hub_id="Anthropic/hh-rlhf",
             eval_split="test",
+            to_pair=_hh_rlhf_pair,
         ),
         DatasetFormat(
             "self-instruct",
@@ -404,12 +528,40 @@ FORMATS: dict[str, DatasetFormat] = {
             prompt=_needs_tokenizer,
             bind_tokenizer=_chat_format,
         ),
+        DatasetFormat(
+            "preference",
+            "generic {prompt, chosen, rejected} (text); sft trains prompt -> chosen",
+            _preference_chosen,
+            prompt=_as_is,
+            to_pair=_preference_pair,
+        ),
+        DatasetFormat(
+            "chat-pairs",
+            "chat {chosen, rejected} conversations differing in the last assistant turn (or TRL's {prompt, chosen, "
+            "rejected} message lists), in the tokenizer's chat template",
+            _needs_tokenizer,
+            prompt=_needs_tokenizer,
+            bind_tokenizer=_chat_pairs_format,
+            to_pair=_needs_tokenizer,
+        ),
+        DatasetFormat(
+            "kto",
+            "KTO {prompt, completion, label}: one reply, label true (desirable) or false",
+            None,
+            prompt=_as_is,
+            to_judged=_kto_judged,
+        ),
     ]
 }
 
 
 def formats_table() -> str:
-    rows = [("NAME", "HUB COPY", "NATIVE SCHEMA")]
-    rows += [(fmt.name, fmt.hub_id or "(local files only)", fmt.description) for fmt in FORMATS.values()]
-    widths = [max(len(row[i]) for row in rows) for i in range(2)]
-    return "\n".join(f"{name:<{widths[0]}}  {hub:<{widths[1]}}  {schema}" for name, hub, schema in rows)
+    rows = [("NAME", "METHODS", "HUB COPY", "NATIVE SCHEMA")]
+    rows += [
+        (fmt.name, ",".join(fmt.methods), fmt.hub_id or "(local files only)", fmt.description)
+        for fmt in FORMATS.values()
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return "\n".join(
+        f"{name:<{widths[0]}}  {methods:<{widths[1]}}  {hub:<{widths[2]}}  {schema}" for name, methods, hub, schema in rows
+    )

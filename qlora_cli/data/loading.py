@@ -7,7 +7,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from qlora_cli.config import DataConfig
 from qlora_cli.data.formats import FORMATS, DatasetFormat, SkipRecord
@@ -39,13 +39,46 @@ class PreparedData:
 
 def prepare_data(cfg: DataConfig, tokenizer: Any, *, kind: ModelKind, seed: int) -> PreparedData:
     fmt = FORMATS[cfg.dataset].for_tokenizer(tokenizer)
-    train, evaluation = load_raw(cfg, fmt)
     skipped: Counter = Counter()
-    train = _format(train, fmt, skipped)
-    if len(train) == 0:
-        raise QloraError(f"dataset {_describe_source(cfg, fmt)} has no usable examples ({_skips(skipped)})")
+
+    def examples(record: dict[str, Any]) -> list[tuple]:
+        return [(ex.source, ex.target) for ex in fmt.examples(record)]
+
+    train, evaluation = formatted_splits(cfg, fmt, Rows(examples, ("source", "target")), skipped, seed=seed)
+
+    def tokenize(batch: dict[str, list]) -> dict[str, list]:
+        return tokenize_batch(tokenizer, batch, cfg, kind=kind)
+
+    train = _drop_untrained(train.map(tokenize, batched=True, desc="Tokenizing train"), skipped)
     if evaluation is not None:
-        evaluation = _format(evaluation, fmt, skipped)
+        evaluation = _drop_untrained(evaluation.map(tokenize, batched=True, desc="Tokenizing eval"), skipped)
+    if len(train) == 0:
+        raise QloraError(
+            f"no example of {describe_source(cfg, fmt)} has a target token left to train on ({skips(skipped)}): "
+            f"check data.target_max_len ({cfg.target_max_len}) and that the tokenizer has an EOS token"
+        )
+    packed = pack(train, cfg) if cfg.packing else None
+    return PreparedData(train=train, eval=evaluation, skipped=skipped, packed=packed)
+
+
+@dataclass(frozen=True)
+class Rows:
+    """What a format makes of one record: rows of `columns` (supervised examples, pairs, labelled replies)."""
+
+    of_record: Callable[[dict[str, Any]], list[tuple]]
+    columns: tuple[str, ...]
+    blank: tuple = ()  # a skipped record's placeholder row; "" in every column unless given
+
+
+def formatted_splits(cfg: DataConfig, fmt: DatasetFormat, rows: Rows, skipped: Counter, *, seed: int) -> tuple[Any, Any]:
+    """(train, eval-or-None) in `rows.columns`: loaded, formatted (skips counted), held out and capped as the
+    recipe says."""
+    train, evaluation = load_raw(cfg, fmt)
+    train = _format(train, fmt, rows, skipped)
+    if len(train) == 0:
+        raise QloraError(f"dataset {describe_source(cfg, fmt)} has no usable examples ({skips(skipped)})")
+    if evaluation is not None:
+        evaluation = _format(evaluation, fmt, rows, skipped)
     elif cfg.eval_size > 0:
         if cfg.eval_size >= len(train):
             raise QloraError(
@@ -58,20 +91,7 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, *, kind: ModelKind, seed: int)
         train = train.select(range(min(cfg.max_train_samples, len(train))))
     if evaluation is not None and cfg.max_eval_samples:
         evaluation = evaluation.select(range(min(cfg.max_eval_samples, len(evaluation))))
-
-    def tokenize(batch: dict[str, list]) -> dict[str, list]:
-        return tokenize_batch(tokenizer, batch, cfg, kind=kind)
-
-    train = _drop_untrained(train.map(tokenize, batched=True, desc="Tokenizing train"), skipped)
-    if evaluation is not None:
-        evaluation = _drop_untrained(evaluation.map(tokenize, batched=True, desc="Tokenizing eval"), skipped)
-    if len(train) == 0:
-        raise QloraError(
-            f"no example of {_describe_source(cfg, fmt)} has a target token left to train on ({_skips(skipped)}): "
-            f"check data.target_max_len ({cfg.target_max_len}) and that the tokenizer has an EOS token"
-        )
-    packed = pack(train, cfg) if cfg.packing else None
-    return PreparedData(train=train, eval=evaluation, skipped=skipped, packed=packed)
+    return train, evaluation
 
 
 def load_raw(cfg: DataConfig, fmt: DatasetFormat) -> tuple[Any, Any | None]:
@@ -209,21 +229,22 @@ def _builder_for(file: str) -> str:
     return _BUILDERS[_suffix(Path(file))]
 
 
-def _format(dataset: Any, fmt: DatasetFormat, skipped: Counter) -> Any:
-    """Records -> (source, target) rows; a record may give several rows, or one 'skip' row with the reason."""
+def _format(dataset: Any, fmt: DatasetFormat, rows: Rows, skipped: Counter) -> Any:
+    """Records -> rows; a record may give several rows, or one 'skip' row with the reason."""
+    blank = rows.blank or ("",) * len(rows.columns)
 
-    def to_columns(batch: dict[str, list]) -> dict[str, list[str]]:
-        out: dict[str, list[str]] = {"source": [], "target": [], "skip": []}
+    def to_columns(batch: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {name: [] for name in (*rows.columns, "skip")}
         for values in zip(*batch.values()):
             record = dict(zip(batch, values))
             try:
-                rows = [(ex.source, ex.target, "") for ex in fmt.examples(record)]
+                made = [(*row, "") for row in rows.of_record(record)]
             except SkipRecord as reason:
-                rows = [("", "", str(reason))]
+                made = [(*blank, str(reason))]
             unused = fmt.unused(record) if fmt.unused else None
-            if unused and rows and not rows[0][2]:
-                rows.append(("", "", unused))  # counted with the skips, then dropped with them
-            for row in rows:
+            if unused and made and not made[0][-1]:
+                made.append((*blank, unused))  # counted with the skips, then dropped with them
+            for row in made:
                 for key, value in zip(out, row):
                     out[key].append(value)
         return out
@@ -243,11 +264,11 @@ def _drop_untrained(dataset: Any, skipped: Counter) -> Any:
     return kept
 
 
-def _skips(skipped: Counter) -> str:
+def skips(skipped: Counter) -> str:
     return ", ".join(f"{n} skipped: {reason}" for reason, n in skipped.most_common()) or "the file is empty"
 
 
-def _describe_source(cfg: DataConfig, fmt: DatasetFormat) -> str:
+def describe_source(cfg: DataConfig, fmt: DatasetFormat) -> str:
     return cfg.path or ", ".join(cfg.data_files or []) or cfg.hub_id or fmt.hub_id or fmt.name
 
 
