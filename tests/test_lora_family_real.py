@@ -47,14 +47,14 @@ def test_pissa_and_loftq_start_closer_to_the_16bit_base_than_nf4_alone():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The demo recipe, 4 steps of 4 at a higher rate, once per option (fp32, so merges check at 1e-3)."""
+    """The demo recipe, 2 steps of 4 at a higher rate, once per option (fp32, so merges check at 1e-3)."""
     root = tmp_path_factory.mktemp("lora-family-real")
     out = {}
     for name, overrides in OPTIONS.items():
         out[name] = root / name
         _run_cli_in_process(
             "train", "--config", str(REPO / "configs/demo.yaml"), f"output_dir={out[name]}",
-            "quantization.compute_dtype=fp32", "training.max_steps=4", "training.batch_size=4",
+            "quantization.compute_dtype=fp32", "training.max_steps=2", "training.batch_size=4",
             "training.learning_rate=1e-3", "data.eval_size=16", "training.eval_batch_size=16",
             "eval.exact_match_samples=0", "eval.knowledge_probes=[]", *overrides,
         )  # fmt: skip
