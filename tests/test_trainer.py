@@ -24,7 +24,7 @@ from qlora_cli.data import PaddingCollator, prepare_data
 from qlora_cli.errors import QloraError
 from qlora_cli.model import add_lora, load_model, model_source
 from qlora_cli.run_folder import RECIPE_FILE, RunFolder
-from qlora_cli.trainer import QloraTrainer, SeededLengthGroupedSampler, StepClock, build_trainer
+from qlora_cli.trainer import QloraOverrides, QloraTrainer, SeededLengthGroupedSampler, StepClock, build_trainer
 from tests.tiny import TINY_RECIPE
 
 OVERRIDDEN = [
@@ -33,16 +33,22 @@ OVERRIDDEN = [
 ]  # fmt: skip
 
 
-def test_every_overridden_method_exists_on_the_trainer_with_the_arguments_we_pass_on():
-    ours = {name for name, value in vars(QloraTrainer).items() if callable(value) and not name.startswith("__")}
+@pytest.mark.parametrize("method", ["sft", "dpo", "orpo", "kto"])
+def test_every_overridden_method_exists_on_the_trainer_with_the_arguments_we_pass_on(method):
+    """The overrides live in QloraOverrides, in front of the Trainer (sft) or TRL's trainer for the method."""
+    from qlora_cli.preference import trainer_classes
+
+    trainer_class = Trainer if method == "sft" else trainer_classes(method)[0]
+    ours = {name for name, value in vars(QloraOverrides).items() if callable(value) and not name.startswith("__")}
     assert ours - {"paused_clock", "training_seconds", "_restore"} == set(OVERRIDDEN)
+    assert not {name for name, value in vars(QloraTrainer).items() if callable(value) and not name.startswith("__")}
     for name in OVERRIDDEN:
-        base = inspect.signature(getattr(Trainer, name)).parameters
-        mine = inspect.signature(getattr(QloraTrainer, name)).parameters
+        base = inspect.signature(getattr(trainer_class, name)).parameters
+        mine = inspect.signature(getattr(QloraOverrides, name)).parameters
         variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
         named = [p for p in mine if mine[p].kind not in variadic]
-        assert named == list(base)[: len(named)], f"Trainer.{name}{inspect.signature(getattr(Trainer, name))}"
-    assert "resume_from_checkpoint" in inspect.signature(Trainer._load_from_checkpoint).parameters  # _restore
+        assert named == list(base)[: len(named)], f"{trainer_class.__name__}.{name}{inspect.signature(getattr(trainer_class, name))}"
+    assert "resume_from_checkpoint" in inspect.signature(trainer_class._load_from_checkpoint).parameters  # _restore
 
 
 def _recipe(tmp_path: Path, **training) -> Recipe:
