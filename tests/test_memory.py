@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 import pytest
 import torch
@@ -22,6 +23,10 @@ def test_held_peak_sees_memory_freed_before_the_block_ends():
     with meter.held_peak(interval_s=0.001) as held:
         block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
         block.add_(1)
+        # held until a sample has seen it: allocating, touching and freeing it can all fit between two samples
+        deadline = time.monotonic() + 10
+        while held.sampled - held.start < 60 * 2**20 and time.monotonic() < deadline:
+            time.sleep(0.001)
         del block
     assert held.kind == "peak_anonymous_rss"
-    assert held.peak - held.start >= 60 * 2**20
+    assert held.peak - held.start >= 60 * 2**20  # freed before the block ended, still its peak

@@ -380,7 +380,8 @@ def test_dpo_on_real_hh_rlhf_pairs_raises_held_out_preference_accuracy_and_margi
     _train(
         "--config", str(REPO / "configs/smollm2-135m-hh-rlhf-dpo.yaml"), f"output_dir={tmp_path / 'run'}",
         f"data.path={shared_data / 'hh_rlhf/helpful-base/test.jsonl.gz'}", "data.max_train_samples=96",
-        "data.source_max_len=128", "data.target_max_len=64", "training.max_steps=8", "training.save_steps=100",
+        "data.source_max_len=128", "data.target_max_len=64", "training.max_steps=8",
+        "training.gradient_accumulation_steps=1", "training.save_steps=100",
     )  # fmt: skip
     metrics = json.loads((tmp_path / "run/metrics.json").read_text())
     assert metrics["eval_loss_before"] == pytest.approx(LN2, abs=1e-3)
