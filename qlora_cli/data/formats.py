@@ -416,25 +416,20 @@ def _trailing_question(record: dict[str, Any]) -> str | None:
 def _chat_format(tokenizer: Any) -> DatasetFormat:
     renderer = ChatRenderer(tokenizer)
     return replace(
-        FORMATS["messages"],
-        to_example=renderer.to_examples,
-        prompt=renderer.prompt,
-        conversation=renderer.conversation,
-        unused=_trailing_question,
-        bind_tokenizer=None,
+        FORMATS["messages"], to_example=renderer.to_examples, unused=_trailing_question, **_rendered_by(renderer)
     )
 
 
 def _chat_pairs_format(tokenizer: Any) -> DatasetFormat:
     renderer = ChatRenderer(tokenizer)
     return replace(
-        FORMATS["chat-pairs"],
-        to_example=renderer.chosen_examples,
-        to_pair=renderer.to_pair,
-        prompt=renderer.prompt,
-        conversation=renderer.conversation,
-        bind_tokenizer=None,
+        FORMATS["chat-pairs"], to_example=renderer.chosen_examples, to_pair=renderer.to_pair, **_rendered_by(renderer)
     )
+
+
+def _rendered_by(renderer: ChatRenderer) -> dict[str, Any]:
+    """What a chat format bound to a tokenizer takes from its renderer: prompts and conversations as trained."""
+    return {"prompt": renderer.prompt, "conversation": renderer.conversation, "bind_tokenizer": None}
 
 
 def _needs_tokenizer(_: Any) -> Any:
