@@ -197,10 +197,6 @@ class HeldOutLossBeforeTraining(TrainerCallback):
         self.trainer, self.dataset = trainer, dataset
         self.metrics: dict[str, float] | None = None  # None when training resumed: "before" was another run's
 
-    @property
-    def loss(self) -> float | None:
-        return self.metrics["eval_loss"] if self.metrics is not None else None
-
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.global_step == 0:
             self.metrics = self.trainer.evaluate(eval_dataset=self.dataset)

@@ -39,11 +39,6 @@ class PreferenceData:
         """Rows with a reply cut at data.target_max_len."""
         return sum(self.train["truncated"]) + (sum(self.eval["truncated"]) if self.eval is not None else 0)
 
-    def text(self, split: Any) -> Any:
-        """The columns TRL reads (token counts and flags dropped)."""
-        columns = PAIR_COLUMNS if self.method != "kto" else JUDGED_COLUMNS
-        return split.select_columns(list(columns))
-
 
 def prepare_preference_data(cfg: DataConfig, method: str, tokenizer: Any, *, seed: int) -> PreferenceData:
     fmt = FORMATS[cfg.dataset].for_tokenizer(tokenizer)
