@@ -16,9 +16,12 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 BUILTIN = "builtin:"
 _VERSION = "v4"  # bump when an asset changes so stale caches are rebuilt
@@ -130,23 +133,47 @@ def resolve_builtin_data(name: str) -> Path:
 
 
 def materialize(key: str, build) -> Path:
-    """Build once into `cache_dir()/key`, atomically: a crash or a concurrent builder never leaves half a folder."""
+    """Build once into `cache_dir()/key`, atomically: a crash never leaves half a folder, and processes that want
+    the entry at the same time (a node's DDP ranks, test workers) wait for the one building it."""
     target = cache_dir() / key
     if (target / ".complete").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
-    try:
-        build(tmp)
-        (tmp / ".complete").write_text("")
+    with _building(target.parent / f".{key}.lock", key):
+        if (target / ".complete").exists():  # built while this process waited
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
         try:
-            tmp.rename(target)
-        except OSError:  # another process finished first; theirs is identical
-            shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            build(tmp)
+            (tmp / ".complete").write_text("")
+            try:
+                tmp.rename(target)
+            except OSError:  # where there is no lock (Windows), another process may have finished first
+                shutil.rmtree(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return target
+
+
+@contextmanager
+def _building(lock_file: Path, key: str) -> Iterator[None]:
+    """Held while one process builds a cache entry; the OS releases it if that process dies."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock; concurrent builders each build, and the first rename wins
+        yield
+        return
+    with open(lock_file, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"Waiting for another process to build {key} in {lock_file.parent} ...", file=sys.stderr)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # --------------------------------------------------------------------------- dataset

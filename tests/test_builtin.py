@@ -72,3 +72,31 @@ def test_a_missing_wheel_says_how_to_install_it():
 def test_unknown_builtin_models_list_the_real_one_first():
     with pytest.raises(QloraError, match="builtin models: builtin:smollm2-135m-instruct, builtin:tiny-llama"):
         resolve_builtin_model("builtin:smollm3")
+
+
+def test_processes_wanting_one_cache_entry_wait_for_the_one_building_it(tmp_path, monkeypatch, capsys):
+    """A node's DDP ranks (or two test workers) dequantize SmolLM2 once, not once each."""
+    import threading
+    import time
+
+    from qlora_cli.builtin import materialize
+
+    monkeypatch.setenv("QLORA_CACHE", str(tmp_path))
+    building, builds, results = threading.Event(), [], []
+
+    def build(folder: Path) -> None:
+        builds.append(folder)
+        building.set()
+        time.sleep(0.5)
+        (folder / "weights").write_text("built")
+
+    first = threading.Thread(target=lambda: results.append(materialize("entry", build)))
+    first.start()
+    building.wait(timeout=30)
+    second = threading.Thread(target=lambda: results.append(materialize("entry", build)))
+    second.start()
+    first.join()
+    second.join()
+    assert len(builds) == 1 and results[0] == results[1] == cache_dir() / "entry"
+    assert (results[1] / "weights").read_text() == "built"
+    assert f"Waiting for another process to build entry in {cache_dir()}" in capsys.readouterr().err
