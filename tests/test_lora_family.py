@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from qlora_cli.run_folder import BASE_INIT_DIR, BASE_INIT_FILE, MERGE_REPORT_FIL
 from qlora_cli.serve.models import resolve_target, vllm_command
 from tests.test_merge import NO_PEFT
 from tests.tiny import TINY_RECIPE, write_recipe
-from tests.trained import _run_cli_in_process
+from tests.trained import _run_cli_in_process, artifacts
 
 TINY = ModelConfig(name_or_path="builtin:tiny-llama")
 FP32_NF4 = QuantizationConfig(bits=4, compute_dtype="fp32")
@@ -197,7 +196,7 @@ def test_loftq_needs_no_cuda(tmp_path, monkeypatch):
 
 
 def trained_option(name: str) -> Path:
-    out = Path(os.environ["QLORA_CACHE"]) / "test-artifacts" / f"lora-{name}"
+    out = artifacts() / f"lora-{name}"
     if not (out / "completed").exists():
         folder = out.parent / f"recipe-{name}"
         folder.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,8 @@
 """Tiny trained adapters and merged models, made once per test session through the real CLI.
 
-They live under the session's QLORA_CACHE, so test modules share them; take them through the module-scoped
-fixtures, so that training's output never mixes with the output a test captures. Two steps at a low learning rate
-leave an adapter that changes logits clearly (~0.3) without collapsing generation onto EOS.
+They live in the session's QLORA_TEST_ARTIFACTS (a worker's, under pytest-xdist), so test modules share them; take
+them through the module-scoped fixtures, so that training's output never mixes with the output a test captures. Two
+steps at a low learning rate leave an adapter that changes logits clearly (~0.3) without collapsing generation onto EOS.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ MODELS = {"llama": "builtin:tiny-llama", "t5": "builtin:tiny-t5", "llama-fast": 
 LEARNING_RATES = {"llama-fast": "3e-3"}  # a second adapter of the same base that answers differently
 
 
-def _artifacts() -> Path:
-    return Path(os.environ["QLORA_CACHE"]) / "test-artifacts"
+def artifacts() -> Path:
+    return Path(os.environ["QLORA_TEST_ARTIFACTS"])
 
 
 def trained_adapter(model: str) -> Path:
-    out = _artifacts() / f"adapter-{model}"
+    out = artifacts() / f"adapter-{model}"
     if not (out / "completed").exists():
         _run_cli_in_process(
             "train", "--config", str(REPO / "configs/demo.yaml"), f"output_dir={out}",
@@ -64,7 +64,7 @@ def _run_cli_in_process(*args: str) -> None:
 
 def merged_model(model: str) -> Path:
     """The adapter merged with the defaults a 4-bit run gets (nf4-roundtrip), in fp32."""
-    out = _artifacts() / f"merged-{model}"
+    out = artifacts() / f"merged-{model}"
     if not (out / "merge_report.json").exists():
         from qlora_cli.merge import MergeRequest, merge_adapter
 
