@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO
 from tests.trained import _run_cli_in_process, llama_adapter  # noqa: F401 (fixture)
 
 SMOLLM2 = "builtin:smollm2-135m-instruct"
@@ -151,13 +151,13 @@ def test_the_read_back_refuses_a_file_whose_eos_or_template_is_not_the_runs(smal
         _check_metadata(gguf, generator, template)
 
 
-def test_generate_reads_the_exported_file_in_the_runs_prompt_format(small_export: Path):
+def test_generate_reads_the_exported_file_in_the_runs_prompt_format(small_export: Path, cli):
     report = _report(small_export)
     first = report["generations"][0]
-    result = run_cli("generate", "--model", str(small_export / "run-f32.gguf"), "--prompt", first["prompt"],
-                     "--max-new-tokens", "48", "--compute-dtype", "fp32")  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == first["gguf"]  # formatted as alpaca: the recipe beside the file was found
+    code, stdout, stderr = cli("generate", "--model", str(small_export / "run-f32.gguf"), "--prompt", first["prompt"],
+                               "--max-new-tokens", "48", "--compute-dtype", "fp32")  # fmt: skip
+    assert code == 0, stderr[-3000:]
+    assert stdout.strip() == first["gguf"]  # formatted as alpaca: the recipe beside the file was found
 
 
 def test_a_tokenizer_llama_cpp_does_not_know_fails_the_conversion_in_one_line(llama_adapter: Path, cli, tmp_path):
@@ -235,16 +235,16 @@ def smollm2_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("outtype", ["f16", "q8_0"])
 def test_smollm2_exports_within_tolerance_with_its_tokenizer_and_stops_at_the_end_of_its_turn(
-    smollm2_run: Path, outtype: str
+    smollm2_run: Path, outtype: str, cli
 ):
     from transformers import AutoTokenizer
 
     from qlora_cli.export import GENERATED_TOKENS, read_metadata
 
     out = smollm2_run.with_name(f"export-{outtype}")
-    result = run_cli("export", "gguf", str(smollm2_run), "--outtype", outtype, "--output", str(out))
-    assert result.returncode == 0, result.stderr[-3000:]
-    print(result.stdout)
+    code, stdout, stderr = cli("export", "gguf", str(smollm2_run), "--outtype", outtype, "--output", str(out))
+    assert code == 0, stderr[-3000:]
+    print(stdout)
     report, tokenizer = _report(out), AutoTokenizer.from_pretrained(smollm2_run)
     metadata = read_metadata(out / f"run-{outtype}.gguf")
     assert metadata["eos_token_id"] == tokenizer.convert_tokens_to_ids("<|im_end|>") == report["eos_token_id"]

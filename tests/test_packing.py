@@ -14,7 +14,7 @@ from qlora_cli.data.packing import PACKABLE_MODEL_TYPES, best_fit_decreasing, fl
 from qlora_cli.data.tokenize import PaddingCollator
 from qlora_cli.errors import QloraError
 from qlora_cli.model_kind import IGNORE_INDEX
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO
 
 TOLERANCE = 1e-4  # fp32 logits of a document inside a packed row against the document alone
 
@@ -184,10 +184,11 @@ def varied(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def one_step(out: Path, data: Path, *overrides: str, processes: int = 1):
-    """One SGD step at learning rate 1 without clipping: the adapter moves by exactly minus its gradient."""
+def one_step(cli, out: Path, data: Path, *overrides: str, processes: int = 1) -> str:
+    """One SGD step at learning rate 1 without clipping: the adapter moves by exactly minus its gradient. Returns
+    what `qlora train` printed on stderr (run in this process; with processes > 1 it launches the workers)."""
     launch = ["--num-processes", str(processes)] if processes > 1 else []
-    result = run_cli(
+    code, _, err = cli(
         "train", *launch, "--config", str(REPO / "configs/demo.yaml"), f"output_dir={out}", f"data.path={data}",
         "model.name_or_path=builtin:tiny-llama", "quantization.compute_dtype=fp32", "lora.dropout=0", "lora.r=8",
         "training.optim=sgd", "training.learning_rate=1.0", "training.warmup_ratio=0", "training.max_grad_norm=1e9",
@@ -195,8 +196,8 @@ def one_step(out: Path, data: Path, *overrides: str, processes: int = 1):
         "data.eval_size=0", "data.source_max_len=64", "data.target_max_len=64", "eval.exact_match_samples=0",
         "eval.loss_before_after=false", "eval.knowledge_probes=[]", "data.train_on_source=true", *overrides,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    assert code == 0, err[-3000:]
+    return err
 
 
 def rows_for(data: Path, max_packed_len: int) -> int:
@@ -213,7 +214,7 @@ def rows_for(data: Path, max_packed_len: int) -> int:
         return 0
 
 
-def test_a_packed_step_trains_the_adapter_an_unpacked_step_trains(varied: Path, tmp_path: Path):
+def test_a_packed_step_trains_the_adapter_an_unpacked_step_trains(cli, varied: Path, tmp_path: Path):
     """All 8 documents in one optimizer step: unpacked in one batch; packed into 4 rows, 2 a batch with 2 accumulated;
     and the same rows over two processes of one row each, accumulating 2. The loss is the token mean over the step.
     The source is trained too, so a document's first token would be a label if packing did not mask it."""
@@ -221,16 +222,16 @@ def test_a_packed_step_trains_the_adapter_an_unpacked_step_trains(varied: Path, 
 
     max_len = next(n for n in range(64, 256, 4) if rows_for(varied, n) == 4)
     packing = ["data.packing=true", f"data.max_packed_len={max_len}"]
-    one_step(tmp_path / "unpacked", varied, "training.batch_size=8", "training.gradient_accumulation_steps=1")
-    result = one_step(tmp_path / "packed", varied, *packing, "training.batch_size=2",
-                      "training.gradient_accumulation_steps=2")  # fmt: skip
-    assert f"8 examples packed into 4 rows of up to {max_len} tokens" in result.stderr
-    assert "a step of 4 rows holds 8 examples" in result.stderr
+    one_step(cli, tmp_path / "unpacked", varied, "training.batch_size=8", "training.gradient_accumulation_steps=1")
+    err = one_step(cli, tmp_path / "packed", varied, *packing, "training.batch_size=2",
+                   "training.gradient_accumulation_steps=2")  # fmt: skip
+    assert f"8 examples packed into 4 rows of up to {max_len} tokens" in err
+    assert "a step of 4 rows holds 8 examples" in err
     recorded = json.loads((tmp_path / "packed" / "metrics.json").read_text())["packing"]
     assert (recorded["examples"], recorded["rows"], recorded["max_len"]) == (8, 4, max_len)
     tokens = {run: json.loads((tmp_path / run / "metrics.json").read_text())["tokens"] for run in ("unpacked", "packed")}
     assert tokens["packed"] == tokens["unpacked"] == recorded["tokens"]  # real tokens, padding left out
-    one_step(tmp_path / "ddp", varied, *packing, "training.batch_size=1", "training.gradient_accumulation_steps=2",
+    one_step(cli, tmp_path / "ddp", varied, *packing, "training.batch_size=1", "training.gradient_accumulation_steps=2",
              processes=2)  # fmt: skip
 
     adapters = {run: load_file(tmp_path / run / "adapter_model.safetensors") for run in ("unpacked", "packed", "ddp")}
