@@ -36,7 +36,7 @@ def test_pissa_and_loftq_start_closer_to_the_16bit_base_than_nf4_alone():
     errors = {}
     for init in ("default", "pissa", "loftq"):
         loaded = load_model(MODEL, quant)
-        cfg = LoraConfig(r=64, alpha=16, init=init)
+        cfg = LoraConfig(r=64, alpha=16, init=init, pissa_niter=4 if init == "pissa" else None)
         loaded.model = add_lora(loaded.model, cfg, kind=loaded.kind)
         if cfg.changes_base:
             start_from_16bit(loaded, MODEL, cfg, None)

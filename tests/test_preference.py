@@ -3,12 +3,9 @@ and a run that is everything `qlora train` already is (run folder, resume, repor
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +18,7 @@ from qlora_cli.data.formats import FORMATS, SkipRecord
 from qlora_cli.data.preference import prepare_preference_data
 from qlora_cli.errors import ConfigError, QloraError
 from tests.tiny import TINY_RECIPE, write_recipe
+from tests.trained import _run_cli_in_process
 
 LN2 = math.log(2)
 WORDS = ["apple", "river", "stone", "cloud", "green", "quick", "piano", "tiger", "lemon", "ocean", "pencil", "silver"]
@@ -64,17 +62,8 @@ def _validate(**sections: dict):
 
 
 def _train(*args: str) -> str:
-    """`qlora train ARGS` in this process (saves the imports); returns what it printed on stderr."""
-    from qlora_cli.cli import main
-
-    err = io.StringIO()
-    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(err):
-        patch.setattr(sys, "argv", ["qlora", "train", *args])
-        try:
-            main()
-        except SystemExit as exc:
-            assert not exc.code, err.getvalue()[-3000:]
-    return err.getvalue()
+    """`qlora train ARGS` in this process; returns what it printed on stderr."""
+    return _run_cli_in_process("train", *args).stderr
 
 
 def _losses(run: Path) -> list[float]:

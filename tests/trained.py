@@ -7,7 +7,10 @@ steps at a low learning rate leave an adapter that changes logits clearly (~0.3)
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -50,16 +53,18 @@ def t5_adapter() -> Path:
     return trained_adapter("t5")
 
 
-def _run_cli_in_process(*args: str) -> None:
-    """`qlora ARGS` without a new interpreter (saves the imports); fails the test on a non-zero exit."""
+def _run_cli_in_process(*args: str) -> subprocess.CompletedProcess:
+    """`qlora ARGS` without a new interpreter (saves the imports): what it printed. Fails the test on a non-zero exit."""
     from qlora_cli.cli import main
 
-    with pytest.MonkeyPatch.context() as patch:
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         patch.setattr(sys, "argv", ["qlora", *args])
         try:
             main()
         except SystemExit as exc:
-            assert not exc.code, f"qlora {' '.join(args)} exited with {exc.code}"
+            assert not exc.code, f"qlora {' '.join(args)} exited with {exc.code}:\n{err.getvalue()[-3000:]}"
+    return subprocess.CompletedProcess(["qlora", *args], 0, out.getvalue(), err.getvalue())
 
 
 def merged_model(model: str) -> Path:
