@@ -63,7 +63,7 @@ def choose_loss(recipe: Recipe, model_type: str, *, encoder_decoder: bool, devic
     """
     setting, t = recipe.training.loss, recipe.training
     if t.method != "sft":  # config.py refuses chunked and fused for them
-        return LossChoice("plain", f"training.method={t.method}: TRL's trainer computes the loss its own way")
+        return LossChoice("plain", f"training.method={t.method}: TRL computes its log-probabilities itself, in tiles")
     if setting == "plain":
         return LossChoice("plain", "training.loss=plain")
     if t.fsdp or t.deepspeed:  # auto: config.py refuses the others

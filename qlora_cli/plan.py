@@ -219,6 +219,7 @@ class Estimate:
     label: str
     base_weights: int
     lora_weights: int
+    reference_weights: int  # dpo, kto: TRL's frozen copy of what trains (the adapter, or the whole model)
     gradients: int
     optimizer_state: int
     optimizer_paged: int  # of which in CUDA unified memory (paged optimizers): it can spill to CPU RAM
@@ -236,7 +237,8 @@ class Estimate:
         """What torch's allocator peaks at (max_memory_allocated): gradients appear as activations are freed."""
         use = self.gradient_checkpointing if checkpointing is None else checkpointing
         act = self.activations_checkpointed if use else self.activations_full
-        fixed = self.base_weights + self.lora_weights + self.optimizer_state - self.optimizer_paged
+        weights = self.base_weights + self.lora_weights + self.reference_weights
+        fixed = weights + self.optimizer_state - self.optimizer_paged
         return fixed + max(act, self.gradients + self.optimizer_step)
 
     def peak(self, *, checkpointing: bool | None = None) -> int:
@@ -382,6 +384,9 @@ def _estimate(
     tensors = _trainable_tensors(arch, recipe.lora, modules) if setup.lora else _model_tensors(arch)
     trainable = sum(tensors)
     lora_weights = 4 * trainable if setup.lora else 0  # peft keeps adapters in fp32 whatever the base
+    # TRL scores the reference with a frozen copy of the adapter ("ref", also for a fresh one: measured on SmolLM2,
+    # +0.072 GiB loaded), or of the whole model when full finetuning; ORPO has no reference
+    reference = (lora_weights if setup.lora else c * arch.params) if recipe.training.method in ("dpo", "kto") else 0
     gradients = 4 * trainable if setup.lora else c * trainable
     per_param = optimizer_bytes_per_param(recipe.training.optim)
     optimizer = int(per_param * trainable)
@@ -394,8 +399,8 @@ def _estimate(
     gathered = 0
     if shard > 1:  # FSDP keeps 1/N of every state; a layer is all-gathered, the next one prefetched
         gathered = 2 * (base - (4 if quantized else c) * arch.other_params) // arch.layers
-        base, lora_weights, gradients, optimizer, optimizer_paged, optimizer_step = (
-            x // shard for x in (base, lora_weights, gradients, optimizer, optimizer_paged, optimizer_step)
+        base, lora_weights, reference, gradients, optimizer, optimizer_paged, optimizer_step = (
+            x // shard for x in (base, lora_weights, reference, gradients, optimizer, optimizer_paged, optimizer_step)
         )
     elif num_processes > 1:  # DDP reduces gradients through buckets of the same size
         gradients *= 2
@@ -406,6 +411,7 @@ def _estimate(
         label=setup.label,
         base_weights=base,
         lora_weights=lora_weights,
+        reference_weights=reference,
         gradients=gradients,
         optimizer_state=optimizer,
         optimizer_paged=optimizer_paged,
@@ -420,8 +426,8 @@ def _estimate(
 def sequences_per_row(recipe: Recipe) -> int:
     """A dpo or orpo row is a pair: its chosen and rejected sequences go through the policy in one batch.
 
-    The reference's forward (dpo, kto) keeps nothing for the backward pass and is not counted; nor are TRL's
-    per-token statistics, computed in chunks."""
+    The reference's forward (dpo, kto) keeps nothing for the backward pass: what it holds for a moment is no more
+    than the policy's log-probabilities hold (`Activations.loss_held`)."""
     return 2 if recipe.training.method in ("dpo", "orpo") else 1
 
 
@@ -519,6 +525,9 @@ class Activations:
         A trained head (full finetuning) adds its fp32 gradient, gathered over the chunks.
         """
         a = self.arch
+        if self.recipe.training.method != "sft":  # TRL's log-probabilities, one tile at a time
+            rows, columns = min(self.tokens, TRL_TILE_TOKENS), min(a.vocab, TRL_TILE_VOCAB)
+            return rows * columns * TRL_TILE_BYTES + 2 * self.tokens * a.hidden * self.residual
         if self.loss == "plain":
             return 3 * 4 * self.tokens * a.vocab
         if self.loss == "chunked":
@@ -527,6 +536,13 @@ class Activations:
             rows, per_logit = min(self.tokens, _liger_chunk_rows(self.tokens, a.vocab, a.hidden)), self.c
         head_gradient = 0 if self.setup.lora else 4 * a.vocab * a.hidden
         return rows * a.vocab * per_logit + 2 * self.tokens * a.hidden * self.residual + head_gradient
+
+
+# TRL 1.16's chunked log-probabilities (trl/kernels/chunked_logprob.py), what dpo, orpo and kto train through: tiles
+# of up to 4096 positions x 32768 vocabulary columns. Where Triton cannot run (the CPU), its torch fallback holds
+# the tile in the compute dtype and about eight fp32 temporaries of it at once: 33 bytes an element, measured on
+# SmolLM2-135M (bf16, 1152 positions; scripts/bench_memory.py --methods sft,dpo, docs/benchmarks.md §13).
+TRL_TILE_TOKENS, TRL_TILE_VOCAB, TRL_TILE_BYTES = 4096, 32768, 33
 
 
 def _liger_chunk_rows(tokens: int, vocab: int, hidden: int) -> int:
@@ -654,6 +670,7 @@ def render_plan(plan: MemoryPlan, budget: int | None = None) -> str:
     rows: list[tuple[str, list[str]]] = [
         ("base weights", [gib(e.base_weights) for e in ests]),
         ("LoRA adapters (fp32)", [gib(e.lora_weights) for e in ests]),
+        ("reference copy (dpo, kto)", [gib(e.reference_weights) for e in ests]),
         ("gradients", [gib(e.gradients) for e in ests]),
         ("optimizer state", [gib(e.optimizer_state) for e in ests]),
         ("  of which paged", [gib(e.optimizer_paged) for e in ests]),

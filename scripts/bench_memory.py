@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from benchlib import (
+    METHODS,
     SETUPS,
     SIZES,
     RunShape,
@@ -50,6 +51,8 @@ def main() -> None:
     parser.add_argument("--model", help="a real model instead of --sizes: a .gguf file or a Hugging Face folder")
     parser.add_argument("--allocated", action="store_true", help="CPU: also measure torch's allocated peak")
     parser.add_argument("--setups", default="qlora,lora16,full", help=f"comma-separated, from: {', '.join(SETUPS)}")
+    parser.add_argument("--methods", default="sft", help=f"comma-separated, from: {', '.join(METHODS)} (a row of "
+                        "dpo/orpo is a pair: prompt of 3/4 of --seq-len, each reply the rest)")  # fmt: skip
     RunShape.add_arguments(parser, batch_size=2, seq_len=256, steps=3)
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
@@ -62,18 +65,19 @@ def main() -> None:
     rows = []
     for name, checkpoint in models:
         arch = recipe_architecture(ModelConfig(name_or_path=str(checkpoint))) if args.model else SIZES[name]
-        for setup in args.setups.split(","):
+        for setup, method in [(s, m) for s in args.setups.split(",") for m in args.methods.split(",")]:
             started = time.perf_counter()
             full_length = [shape.seq_len] * (shape.steps * shape.batch_size)
-            recipe, measured = measure_setup(checkpoint, setup, shape, full_length, for_memory=True)
+            recipe, measured = measure_setup(checkpoint, setup, shape, full_length, for_memory=True, method=method)
             predicted = plan_memory(recipe, arch, device=device).estimates[0].allocated()
-            row = {"size": name, "params": arch.params, "vocab": arch.vocab, "setup": setup, "predicted": predicted,
+            label = setup if method == "sft" else f"{setup} {method}"
+            row = {"size": name, "params": arch.params, "vocab": arch.vocab, "setup": label, "predicted": predicted,
                    **measured}  # fmt: skip
             if allocated and "error" not in row:
-                row["allocated_peak"] = allocated_peak(checkpoint, setup, shape, full_length)
+                row["allocated_peak"] = allocated_peak(checkpoint, setup, shape, full_length, method)
             row["seconds"] = round(time.perf_counter() - started, 1)
             rows.append(row)
-            print(f"{name} {setup}: {_summary(row)}", flush=True)
+            print(f"{name} {label}: {_summary(row)}", flush=True)
 
     gc = "off" if args.no_gradient_checkpointing else "on"
     dtypes = ", ".join(sorted({r["compute_dtype"] for r in rows if "compute_dtype" in r})) or "?"
@@ -106,10 +110,11 @@ def main() -> None:
     write_json(args.json, {"device": device, "args": vars(args) | {"json": str(args.json)}, "rows": rows})
 
 
-def allocated_peak(checkpoint: Path, setup: str, shape: RunShape, lengths: list[int]) -> int | None:
+def allocated_peak(checkpoint: Path, setup: str, shape: RunShape, lengths: list[int], method: str) -> int | None:
     """The same training in another fresh process, under the profiler: the most torch's CPU allocator held."""
     with tempfile.TemporaryDirectory() as out:
-        result = isolated(_profiled_training, bench_recipe(checkpoint, setup, shape, Path(out)), lengths)
+        recipe = bench_recipe(checkpoint, setup, shape, Path(out), method=method)
+        result = isolated(_profiled_training, recipe, lengths)
     return result.get("allocated_peak")
 
 

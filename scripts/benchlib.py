@@ -62,6 +62,15 @@ LORA_FAMILY: dict[str, dict[str, Any]] = {
     "tokens": {"lora": {"trainable_tokens": ["<|tool|>", "<|tool_result|>"]}},
 }
 
+# Preference methods (issue 33) on the same setups: a row is a pair of replies to one prompt (`--method`).
+METHODS: dict[str, dict[str, Any]] = {
+    "sft": {},
+    "dpo": {"training": {"method": "dpo"}, "data": {"dataset": "preference"}},
+    "dpo-precomputed": {"training": {"method": "dpo"}, "data": {"dataset": "preference"},
+                        "preference": {"reference": "precomputed"}},
+    "orpo": {"training": {"method": "orpo"}, "data": {"dataset": "preference"}},
+}  # fmt: skip
+
 
 def random_checkpoint(arch: Architecture, *, shard_size: str = "200MB") -> Path:
     """A random-init LLaMA of `arch`'s shape saved as a sharded bf16 hub checkpoint, built once and cached.
@@ -117,8 +126,9 @@ class RunShape:
 
 
 def bench_recipe(
-    checkpoint: Path, setup: str, shape: RunShape, output_dir: Path, optim: str = "paged_adamw_32bit"
-) -> Recipe:
+    checkpoint: Path, setup: str, shape: RunShape, output_dir: Path, optim: str = "paged_adamw_32bit",
+    method: str = "sft",
+) -> Recipe:  # fmt: skip
     """The recipe `qlora train` would get for one benchmark row (defaults are the paper's)."""
     from qlora_cli.config import deep_merge
 
@@ -140,15 +150,19 @@ def bench_recipe(
     }
     if setup not in SETUPS:
         raise QloraError(f"unknown setup {setup!r}; setups: {', '.join(SETUPS)}")
-    return validate_recipe(deep_merge(raw, SETUPS[setup]), source=f"benchmark setup {setup}")
+    if method not in METHODS:
+        raise QloraError(f"unknown method {method!r}; methods: {', '.join(METHODS)}")
+    raw = deep_merge(deep_merge(raw, SETUPS[setup]), METHODS[method])
+    return validate_recipe(raw, source=f"benchmark setup {setup}, method {method}")
 
 
 def measure_setup(
-    checkpoint: Path, setup: str, shape: RunShape, lengths: list[int], profile: bool = False, *, for_memory: bool
-) -> tuple[Recipe, dict[str, Any]]:
+    checkpoint: Path, setup: str, shape: RunShape, lengths: list[int], profile: bool = False, *, for_memory: bool,
+    method: str = "sft",
+) -> tuple[Recipe, dict[str, Any]]:  # fmt: skip
     """Train one setup in a fresh process with a throwaway output_dir: the recipe it ran, and what was measured."""
     with tempfile.TemporaryDirectory() as out:
-        recipe = bench_recipe(checkpoint, setup, shape, Path(out))
+        recipe = bench_recipe(checkpoint, setup, shape, Path(out), method=method)
         return recipe, isolated(measure_training, recipe, lengths, profile, for_memory)
 
 
@@ -159,6 +173,20 @@ def random_batches(vocab: int, lengths: list[int], seed: int = 0) -> Any:
     rng = random.Random(seed)
     ids = [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
     return Dataset.from_dict({"input_ids": ids, "labels": ids, "length": lengths})
+
+
+def random_pairs(tokenizer: Any, rows: int, prompt_tokens: int, reply_tokens: int) -> Any:
+    """Preference rows of about these lengths in tokens, as text (TRL tokenizes; a word of one token, repeated)."""
+    from datasets import Dataset
+
+    def text(n: int, word: str) -> str:
+        return " ".join([word] * n)
+
+    return Dataset.from_dict({
+        "prompt": [text(prompt_tokens, "the")] * rows,
+        "chosen": [text(reply_tokens, "yes")] * rows,
+        "rejected": [text(reply_tokens, "no")] * rows,
+    })  # fmt: skip
 
 
 def measure_training(
@@ -228,7 +256,9 @@ def _train(recipe: Recipe, lengths: list[int] | None, meter: MemoryMeter, profil
 
     from qlora_cli.data import PreparedData, prepare_data
     from qlora_cli.model import add_lora, load_model, start_from_16bit
+    from qlora_cli.data.preference import PreferenceData
     from qlora_cli.plan import checkpointing_for_run
+    from qlora_cli.preference import build_preference_trainer
     from qlora_cli.trainer import build_trainer
 
     gc.collect()
@@ -249,11 +279,17 @@ def _train(recipe: Recipe, lengths: list[int] | None, meter: MemoryMeter, profil
                 start_from_16bit(loaded, recipe.model, recipe.lora, None)
     load_seconds = time.perf_counter() - started
     load_peak, loaded_size = meter.peak() - baseline, meter.current() - baseline
-    if lengths is None:
-        data = prepare_data(recipe.data, loaded.tokenizer, kind=loaded.kind, seed=t.seed)
+    if t.method != "sft":  # pairs of a full-length sequence each: the prompt, then each reply to the limit
+        d = recipe.data
+        rows = random_pairs(loaded.tokenizer, len(lengths or [0]), d.source_max_len, d.target_max_len)
+        trainer = build_preference_trainer(recipe, loaded, PreferenceData(rows, None, t.method))
+        data = PreparedData(train=rows, eval=None)
     else:
-        data = PreparedData(train=random_batches(loaded.model.config.vocab_size, lengths), eval=None)
-    trainer = build_trainer(recipe, loaded, data)
+        if lengths is None:
+            data = prepare_data(recipe.data, loaded.tokenizer, kind=loaded.kind, seed=t.seed)
+        else:
+            data = PreparedData(train=random_batches(loaded.model.config.vocab_size, lengths), eval=None)
+        trainer = build_trainer(recipe, loaded, data)
     measured = _measured_run(trainer, meter, profile)
     peak = meter.peak() - baseline
     return {
@@ -314,6 +350,8 @@ def row_lengths(batch: dict[str, torch.Tensor]) -> list[int]:
     Not the attention mask alone: qlora.py's collator masks every pad-token id, so where EOS is the pad
     token (SmolLM2) it would miss each row's EOS.
     """
+    if "labels" not in batch:  # a preference batch (TRL's collator): its replies run to the attention mask's end
+        return batch["attention_mask"].sum(dim=1).tolist()
     labelled = batch["labels"] != IGNORE_INDEX
     width = labelled.shape[1]
     last = width - torch.flip(labelled, dims=[1]).int().argmax(dim=1)

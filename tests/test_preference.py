@@ -389,3 +389,18 @@ def test_plan_counts_a_pair_as_two_sequences_through_the_policy():
     sft_act, dpo_act = (planned[name].estimates[0].activations_full for name in ("sft", "dpo"))
     assert dpo_act > 1.9 * sft_act
     assert "batch 2 pairs (chosen + rejected)" in render_plan(planned["dpo"])
+
+
+def test_plan_counts_trls_frozen_copy_of_the_adapter_as_the_reference():
+    from qlora_cli.plan import known_architecture, plan_memory
+
+    arch = known_architecture("llama-7b")
+    pairs = {"data": {"dataset": "preference"}, "training": {"batch_size": 2}}
+    copies = {}
+    for method in ("sft", "dpo", "orpo"):
+        recipe = _validate(**{**pairs, "training": {"batch_size": 2, "method": method}})
+        qlora, _, full = plan_memory(recipe, arch, device="cuda").estimates
+        copies[method] = (qlora.reference_weights, qlora.lora_weights, full.reference_weights)
+    assert copies["sft"] == (0, copies["sft"][1], 0) and copies["orpo"][0] == copies["orpo"][2] == 0
+    reference, adapter, full_model = copies["dpo"]
+    assert reference == adapter > 0 and full_model == 2 * arch.params  # a bf16 copy of the whole model
