@@ -17,6 +17,7 @@ from qlora_cli.config import validate_recipe
 from qlora_cli.data.formats import FORMATS, SkipRecord
 from qlora_cli.data.preference import prepare_preference_data
 from qlora_cli.errors import ConfigError, QloraError
+from tests.data_fixtures import hendrycks  # noqa: F401 (fixture)
 from tests.tiny import TINY_RECIPE, write_recipe
 from tests.trained import _run_cli_in_process
 
@@ -304,7 +305,7 @@ def test_a_dpo_run_folder_holds_the_trained_adapter_only_and_a_report_of_its_rew
     assert "20 train, 4 eval pairs" in dpo_runs["printed"]["fresh"]
 
 
-def test_a_dpo_run_merges_exactly_and_generates(dpo_runs, tmp_path, cli):
+def test_a_dpo_run_merges_exactly_and_what_reads_a_run_reads_it(dpo_runs, tmp_path, cli, hendrycks):
     run = dpo_runs["runs"]["live"]
     code, out, err = cli("merge-adapter", "--adapter", str(run), "--output", str(tmp_path / "merged"))
     assert code == 0, err[-3000:]
@@ -312,6 +313,11 @@ def test_a_dpo_run_merges_exactly_and_generates(dpo_runs, tmp_path, cli):
     assert report["max_abs_logit_diff"] <= report["tolerance"], report
     code, out, err = cli("generate", "--adapter", str(run), "--max-new-tokens", "4", "--prompt", "Reverse: a b c")
     assert code == 0 and out.strip(), err[-3000:]
+    code, out, err = cli("eval", "mmlu", "--model", "builtin:tiny-llama", "--adapter", str(run), "--data",
+                         str(hendrycks), "--split", "test", "--output", str(tmp_path / "mmlu.json"))  # fmt: skip
+    assert code == 0 and json.loads((tmp_path / "mmlu.json").read_text())["total"] == 6, err[-3000:]
+    code, out, err = cli("serve", "--adapter", str(run), "--print-vllm-command")  # a plain LoRA: vLLM loads it
+    assert code == 0 and out.startswith("vllm serve ") and "--enable-lora" in out, err[-3000:]
 
 
 def test_dpo_leaves_the_4bit_base_bit_identical_and_trains_the_adapter(tmp_path):
