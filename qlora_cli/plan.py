@@ -541,7 +541,9 @@ class Activations:
 # TRL 1.16's chunked log-probabilities (trl/kernels/chunked_logprob.py), what dpo, orpo and kto train through: tiles
 # of up to 4096 positions x 32768 vocabulary columns. Where Triton cannot run (the CPU), its torch fallback holds
 # the tile in the compute dtype and about eight fp32 temporaries of it at once: 33 bytes an element, measured on
-# SmolLM2-135M (bf16, 1152 positions; scripts/bench_memory.py --methods sft,dpo, docs/benchmarks.md §13).
+# SmolLM2-135M (bf16, 1152 positions; scripts/bench_memory.py --methods sft,dpo, docs/benchmarks.md §13). With
+# Triton (CUDA) a kernel folds each tile in one pass, holding little beyond the tile: this over-counts there, on the
+# safe side (not measured: no GPU was lent).
 TRL_TILE_TOKENS, TRL_TILE_VOCAB, TRL_TILE_BYTES = 4096, 32768, 33
 
 

@@ -279,9 +279,11 @@ def _train(recipe: Recipe, lengths: list[int] | None, meter: MemoryMeter, profil
                 start_from_16bit(loaded, recipe.model, recipe.lora, None)
     load_seconds = time.perf_counter() - started
     load_peak, loaded_size = meter.peak() - baseline, meter.current() - baseline
-    if t.method != "sft":  # pairs of a full-length sequence each: the prompt, then each reply to the limit
+    if t.method != "sft":  # generated pairs, every sequence full length: the prompt, then each reply to the limit
+        if lengths is None:
+            raise QloraError(f"training.method={t.method}: the benchmarks train on generated pairs, not the recipe's")
         d = recipe.data
-        rows = random_pairs(loaded.tokenizer, len(lengths or [0]), d.source_max_len, d.target_max_len)
+        rows = random_pairs(loaded.tokenizer, len(lengths), d.source_max_len, d.target_max_len)
         trainer = build_preference_trainer(recipe, loaded, PreferenceData(rows, None, t.method))
         data = PreparedData(train=rows, eval=None)
     else:
