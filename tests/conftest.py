@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -124,21 +125,31 @@ def _run_python(*argv: str, cwd: Path | None = None, timeout: float = 600, env: 
     )
 
 
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
-    """Run `qlora ARGS` in this process (fast, for errors and small commands): returns (code, out, err)."""
+def cli_in_process(*args: str) -> subprocess.CompletedProcess:
+    """`qlora ARGS` in this process (no new interpreter: saves the imports): its exit code and what it printed."""
+    import contextlib
+    import io
     import sys
 
     from qlora_cli.cli import main
 
-    def invoke(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["qlora", *args])
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        patch.setattr(sys, "argv", ["qlora", *args])
         try:
             main()
             code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        out, err = capsys.readouterr()
-        return code, out, err
+    return subprocess.CompletedProcess(["qlora", *args], code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture
+def cli():
+    """Run `qlora ARGS` in this process (fast, for errors and small commands): returns (code, out, err)."""
+
+    def invoke(*args: str) -> tuple[int, str, str]:
+        result = cli_in_process(*args)
+        return result.returncode, result.stdout, result.stderr
 
     return invoke

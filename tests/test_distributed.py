@@ -24,7 +24,7 @@ from qlora_cli.distributed import fsdp_config, launch_command
 from qlora_cli.preflight import check_launch, deepspeed_zero_stage, preflight
 from qlora_cli.errors import QloraError
 from tests.conftest import REPO, python_env, run_cli
-from tests.trained import _run_cli_in_process
+from tests.trained import run_cli_in_process
 
 DEMO = REPO / "configs" / "demo.yaml"
 
@@ -57,7 +57,7 @@ def ddp_and_single(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     ddp = run_cli(
         "train", "--num-processes", "2", "--overwrite", *TINY_RUN, f"output_dir={ddp_dir}", "training.batch_size=2"
     )
-    _run_cli_in_process("train", *TINY_RUN, f"output_dir={root / 'single'}", "training.batch_size=4")
+    run_cli_in_process("train", *TINY_RUN, f"output_dir={root / 'single'}", "training.batch_size=4")
     return {"ddp": (ddp, ddp_dir), "single": root / "single"}
 
 

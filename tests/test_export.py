@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO
-from tests.trained import _run_cli_in_process, llama_adapter  # noqa: F401 (fixture)
+from tests.trained import run_cli_in_process, llama_adapter  # noqa: F401 (fixture)
 
 SMOLLM2 = "builtin:smollm2-135m-instruct"
 
 
 def _train(run: Path, model: str, *overrides: str) -> Path:
-    _run_cli_in_process(
+    run_cli_in_process(
         "train", "--config", str(REPO / "configs/demo.yaml"), f"output_dir={run}", f"model.name_or_path={model}",
         "training.max_steps=3", "training.batch_size=2", "training.learning_rate=1e-3", "training.save_steps=100",
         "quantization.compute_dtype=fp32", "data.eval_size=8", "eval.exact_match_samples=0",
@@ -54,7 +54,7 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def small_export(small_run: Path) -> Path:
     out = small_run.with_name("export-f32")
-    _run_cli_in_process("export", "gguf", str(small_run), "--outtype", "f32", "--output", str(out))
+    run_cli_in_process("export", "gguf", str(small_run), "--outtype", "f32", "--output", str(out))
     return out
 
 

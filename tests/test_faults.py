@@ -26,9 +26,9 @@ def finished(tmp_path_factory) -> Path:
     """A completed tiny run, with its one checkpoint."""
     folder = tmp_path_factory.mktemp("finished")
     recipe = write_recipe(folder, **QUICK, output_dir=str(folder / "run"))
-    from tests.trained import _run_cli_in_process
+    from tests.trained import run_cli_in_process
 
-    _run_cli_in_process("train", "--config", str(recipe))
+    run_cli_in_process("train", "--config", str(recipe))
     return folder / "run"
 
 

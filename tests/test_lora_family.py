@@ -28,7 +28,7 @@ from qlora_cli.run_folder import BASE_INIT_DIR, BASE_INIT_FILE, MERGE_REPORT_FIL
 from qlora_cli.serve.models import resolve_target, vllm_command
 from tests.test_merge import NO_PEFT
 from tests.tiny import TINY_RECIPE, write_recipe
-from tests.trained import _run_cli_in_process, artifacts
+from tests.trained import run_cli_in_process, artifacts
 
 TINY = ModelConfig(name_or_path="builtin:tiny-llama")
 FP32_NF4 = QuantizationConfig(bits=4, compute_dtype="fp32")
@@ -210,7 +210,7 @@ def trained_option(name: str) -> Path:
             folder, output_dir=str(out), lora=lora, data=data, eval={"loss_before_after": True},
             training={"max_steps": 8, "save_steps": 100, "learning_rate": 1e-2 if name == "tokens" else 3e-3},
         )  # fmt: skip
-        _run_cli_in_process("train", "--config", str(recipe), "--overwrite")
+        run_cli_in_process("train", "--config", str(recipe), "--overwrite")
     return out
 
 

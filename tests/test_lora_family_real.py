@@ -16,7 +16,7 @@ from qlora_cli.model import add_lora, load_model, start_from_16bit
 from qlora_cli.run_folder import MERGE_REPORT_FILE
 from tests.conftest import REPO
 from tests.test_lora_family import weight_error
-from tests.trained import _run_cli_in_process
+from tests.trained import run_cli_in_process
 
 MODEL = ModelConfig(name_or_path="builtin:smollm2-135m-instruct")
 FP32 = {"bits": 4, "compute_dtype": "fp32"}
@@ -52,7 +52,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {}
     for name, overrides in OPTIONS.items():
         out[name] = root / name
-        _run_cli_in_process(
+        run_cli_in_process(
             "train", "--config", str(REPO / "configs/demo.yaml"), f"output_dir={out[name]}",
             "quantization.compute_dtype=fp32", "training.max_steps=2", "training.batch_size=4",
             "training.learning_rate=1e-3", "data.eval_size=16", "training.eval_batch_size=16",

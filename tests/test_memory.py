@@ -7,7 +7,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from qlora_cli.memory import MemoryMeter
 

@@ -19,7 +19,7 @@ from qlora_cli.data.preference import prepare_preference_data
 from qlora_cli.errors import ConfigError, QloraError
 from tests.data_fixtures import hendrycks  # noqa: F401 (fixture)
 from tests.tiny import TINY_RECIPE, write_recipe
-from tests.trained import _run_cli_in_process
+from tests.trained import run_cli_in_process
 
 LN2 = math.log(2)
 WORDS = ["apple", "river", "stone", "cloud", "green", "quick", "piano", "tiger", "lemon", "ocean", "pencil", "silver"]
@@ -64,7 +64,7 @@ def _validate(**sections: dict):
 
 def _train(*args: str) -> str:
     """`qlora train ARGS` in this process; returns what it printed on stderr."""
-    return _run_cli_in_process("train", *args).stderr
+    return run_cli_in_process("train", *args).stderr
 
 
 def _losses(run: Path) -> list[float]:

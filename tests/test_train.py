@@ -13,7 +13,7 @@ from qlora_cli.train import check_recipe_drift
 from tests.conftest import REPO, run_cli
 from tests.data_fixtures import hendrycks  # noqa: F401 (fixture)
 from tests.tiny import fake_checkpoint, tiny_recipe
-from tests.trained import _run_cli_in_process
+from tests.trained import run_cli_in_process
 
 DEMO = str(REPO / "configs" / "demo.yaml")
 QUICK = [
@@ -31,7 +31,7 @@ QUICK = [
 
 
 def train(output_dir, *extra):
-    return _run_cli_in_process("train", "--config", DEMO, f"output_dir={output_dir}", *QUICK, *extra)
+    return run_cli_in_process("train", "--config", DEMO, f"output_dir={output_dir}", *QUICK, *extra)
 
 
 @pytest.fixture(scope="module", params=["builtin:tiny-llama", "builtin:tiny-t5"])

@@ -7,16 +7,13 @@ steps at a low learning rate leave an adapter that changes logits clearly (~0.3)
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, cli_in_process
 
 MODELS = {"llama": "builtin:tiny-llama", "t5": "builtin:tiny-t5", "llama-fast": "builtin:tiny-llama"}
 LEARNING_RATES = {"llama-fast": "3e-3"}  # a second adapter of the same base that answers differently
@@ -29,7 +26,7 @@ def artifacts() -> Path:
 def trained_adapter(model: str) -> Path:
     out = artifacts() / f"adapter-{model}"
     if not (out / "completed").exists():
-        _run_cli_in_process(
+        run_cli_in_process(
             "train", "--config", str(REPO / "configs/demo.yaml"), f"output_dir={out}",
             f"model.name_or_path={MODELS[model]}", "training.max_steps=2", "training.batch_size=2",
             f"training.learning_rate={LEARNING_RATES.get(model, '3e-4')}", "training.save_steps=100", "data.eval_size=8",
@@ -53,18 +50,11 @@ def t5_adapter() -> Path:
     return trained_adapter("t5")
 
 
-def _run_cli_in_process(*args: str) -> subprocess.CompletedProcess:
-    """`qlora ARGS` without a new interpreter (saves the imports): what it printed. Fails the test on a non-zero exit."""
-    from qlora_cli.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        patch.setattr(sys, "argv", ["qlora", *args])
-        try:
-            main()
-        except SystemExit as exc:
-            assert not exc.code, f"qlora {' '.join(args)} exited with {exc.code}:\n{err.getvalue()[-3000:]}"
-    return subprocess.CompletedProcess(["qlora", *args], 0, out.getvalue(), err.getvalue())
+def run_cli_in_process(*args: str) -> subprocess.CompletedProcess:
+    """`qlora ARGS` in this process: what it printed. Fails the test on a non-zero exit."""
+    result = cli_in_process(*args)
+    assert result.returncode == 0, f"qlora {' '.join(args)} exited with {result.returncode}:\n{result.stderr[-3000:]}"
+    return result
 
 
 def merged_model(model: str) -> Path:
