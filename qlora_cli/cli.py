@@ -168,13 +168,21 @@ def plan(
     ] = "cuda",
     compute_dtype: ComputeDtypeOption = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    read_data: Annotated[
+        bool,
+        typer.Option(
+            "--data",
+            help="Read the recipe's data (tokenizer and dataset, no weights): plan its longest row instead of the "
+            "length limits, and show its packing and padding.",
+        ),
+    ] = False,
 ) -> None:
     """Predict peak GPU memory of a recipe beside 16-bit LoRA and full finetuning; no weights needed."""
     from qlora_cli.plan import parse_size, plan_for, render_plan
 
     budget = parse_size(gpu_memory) if gpu_memory else None
     overrides = [*(overrides or []), *([f"quantization.compute_dtype={compute_dtype.value}"] if compute_dtype else [])]
-    result = plan_for(config, overrides, model, device=device, num_processes=num_processes)
+    result = plan_for(config, overrides, model, device=device, num_processes=num_processes, read_data=read_data)
     typer.echo(json.dumps(result.to_dict(budget), indent=2) if json_output else render_plan(result, budget))
 
 

@@ -258,6 +258,14 @@ class Estimate:
 
 
 @dataclass(frozen=True)
+class RecipeData:
+    """What the recipe's own data holds (`qlora plan --data`): its longest row is the one that meets the peak."""
+
+    longest: int  # tokens of the longest training row (packed row, example, or prompt + longer reply + EOS)
+    summary: str  # `qlora data preview`'s summary: counts, truncation, packing and padding
+
+
+@dataclass(frozen=True)
 class MemoryPlan:
     arch: Architecture
     device: str
@@ -266,6 +274,7 @@ class MemoryPlan:
     compute_reason: str
     batch_size: int
     seq_len: int
+    seq_len_reason: str
     packed: bool  # data.packing: batch_size counts rows of seq_len tokens
     sequences_per_row: int  # dpo, orpo: 2, a row is a pair
     num_processes: int
@@ -277,6 +286,7 @@ class MemoryPlan:
     loss: str  # the loss path over the vocabulary: plain, chunked or fused
     loss_reason: str
     estimates: tuple[Estimate, ...]
+    data: RecipeData | None = None  # `qlora plan --data`
 
     def to_dict(self, budget: int | None = None) -> dict[str, Any]:
         out = asdict(self)
@@ -330,15 +340,21 @@ def lora_modules(recipe: Recipe) -> tuple[str, ...]:
     return chosen
 
 
-def plan_memory(recipe: Recipe, arch: Architecture, *, device: str = "cuda", num_processes: int = 1) -> MemoryPlan:
+def plan_memory(
+    recipe: Recipe, arch: Architecture, *, device: str = "cuda", num_processes: int = 1, data: RecipeData | None = None
+) -> MemoryPlan:
     if device not in ("cuda", "cpu"):
         raise QloraError(f"device must be cuda or cpu, not {device!r}")
     if num_processes < 1:
         raise QloraError(f"--num-processes must be at least 1, not {num_processes}")
     modules = lora_modules(recipe)
-    # a packed row is planned full: best-fit decreasing fills rows to within a few tokens (qlora data preview)
-    data = recipe.data
-    seq_len = data.max_packed_len if data.packing else data.source_max_len + data.target_max_len
+    cfg = recipe.data
+    if data is not None:
+        seq_len, seq_len_reason = data.longest, "the longest training row of the recipe's data"
+    elif cfg.packing:  # best-fit decreasing fills rows to within a few tokens (qlora data preview)
+        seq_len, seq_len_reason = cfg.max_packed_len, "data.max_packed_len, rows planned full"
+    else:
+        seq_len, seq_len_reason = cfg.source_max_len + cfg.target_max_len, "data.source_max_len + data.target_max_len"
     compute_dtype, compute_reason = planned_compute_dtype(recipe.quantization, device)
     loss = choose_loss(recipe, arch.model_type, encoder_decoder=False, device=device)
     estimates = tuple(
@@ -354,6 +370,7 @@ def plan_memory(recipe: Recipe, arch: Architecture, *, device: str = "cuda", num
         compute_reason=compute_reason,
         batch_size=recipe.training.batch_size,
         seq_len=seq_len,
+        seq_len_reason=seq_len_reason,
         packed=recipe.data.packing,
         sequences_per_row=sequences_per_row(recipe),
         num_processes=num_processes,
@@ -365,6 +382,7 @@ def plan_memory(recipe: Recipe, arch: Architecture, *, device: str = "cuda", num
         loss=loss.name,
         loss_reason=loss.reason,
         estimates=estimates,
+        data=data,
     )
 
 
@@ -655,9 +673,10 @@ def render_plan(plan: MemoryPlan, budget: int | None = None) -> str:
     rows = " packed rows" if plan.packed else " pairs (chosen + rejected)" if plan.sequences_per_row == 2 else ""
     head = [
         f"{a.name}: {a.params / 1e9:.2f}B parameters ({a.layers} layers, hidden {a.hidden}, vocab {a.vocab})",
-        f"batch {plan.batch_size}{rows} x {plan.seq_len} tokens, {plan.optim}, "
+        f"batch {plan.batch_size}{rows} x {plan.seq_len} tokens ({plan.seq_len_reason}), {plan.optim}, "
         f"{plan.compute_dtype} compute on {plan.device} "
         f"({plan.compute_reason}), {procs}",
+        *(f"data: {line}" for line in (plan.data.summary.splitlines() if plan.data else [])),
         f"LoRA r={plan.lora_r} on {', '.join(plan.lora_modules)}",
         f"loss over the vocabulary: {plan.loss} ({plan.loss_reason})",
         "memory per GPU; 1 GiB = 2^30 bytes, and a GPU sold as 48GB holds 48 GiB",
@@ -705,9 +724,16 @@ def render_plan(plan: MemoryPlan, budget: int | None = None) -> str:
 
 
 def plan_for(
-    config: Path | None, overrides: list[str], model: str | None, *, device: str = "cuda", num_processes: int = 1
+    config: Path | None,
+    overrides: list[str],
+    model: str | None,
+    *,
+    device: str = "cuda",
+    num_processes: int = 1,
+    read_data: bool = False,
 ) -> MemoryPlan:
-    """`qlora plan`: the recipe file (or the defaults), with --model replacing its model."""
+    """`qlora plan`: the recipe file (or the defaults), with --model replacing its model; with `read_data`, sized
+    to the recipe's data (its tokenizer and dataset, no weights) instead of its length limits."""
     from qlora_cli.config import default_recipe, load_recipe
 
     if config is None and model is None:
@@ -716,4 +742,13 @@ def plan_for(
         recipe = default_recipe(model, overrides)
     else:
         recipe = load_recipe(config, [*overrides, *([f"model.name_or_path={model}"] if model else [])])
-    return plan_memory(recipe, recipe_architecture(recipe.model), device=device, num_processes=num_processes)
+    arch = recipe_architecture(recipe.model)
+    data = recipe_data(recipe) if read_data else None
+    return plan_memory(recipe, arch, device=device, num_processes=num_processes, data=data)
+
+
+def recipe_data(recipe: Recipe) -> RecipeData:
+    from qlora_cli.data.preview import longest_row, preview_data, summary
+
+    preview = preview_data(recipe, 0)
+    return RecipeData(longest_row(preview.data, recipe.data.target_max_len), summary(preview))

@@ -178,6 +178,27 @@ def test_plan_command_reads_a_recipe_and_its_model_config(cli):
     assert [e["label"] for e in plan["estimates"]] == ["QLoRA nf4 + DQ", "16-bit LoRA", "full finetuning"]
 
 
+def test_plan_with_data_sizes_the_recipe_s_longest_row_and_shows_its_packing(cli):
+    demo = str(REPO / "configs/demo.yaml")
+    recipe = ("-c", demo, "model.name_or_path=builtin:tiny-llama", "data.max_train_samples=16", "data.eval_size=8")
+    packed = (*recipe, "data.packing=true", "data.max_packed_len=4096", "training.batch_size=1")
+    code, out, _ = cli("data", "preview", *packed, "-n", "16", "--json")
+    assert code == 0
+    tokens = sum(row["source_tokens"] + row["target_tokens"] for row in map(json.loads, out.splitlines()))
+    code, out, _ = cli("plan", *packed, "--device", "cpu", "--data", "--json")
+    assert code == 0
+    with_data = json.loads(out)
+    code, out, _ = cli("plan", *packed, "--device", "cpu", "--json")
+    limits = json.loads(out)
+    # the 16 examples fit one row: the row the plan sizes holds every token of them, not the 4096 allowed
+    assert (with_data["seq_len"], limits["seq_len"]) == (tokens, 4096)
+    assert "16 examples packed into 1 rows of up to 4,096 tokens" in with_data["data"]["summary"]
+    assert with_data["estimates"][0]["peak"] < limits["estimates"][0]["peak"]
+    code, out, _ = cli("plan", *packed, "--device", "cpu", "--data")
+    assert f"batch 1 packed rows x {tokens} tokens (the longest training row of the recipe's data)" in out
+    assert "data: packing: 16 examples packed into 1 rows" in out
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -74,6 +74,17 @@ def summary(preview: DataPreview) -> str:
     return "\n".join(lines)
 
 
+def longest_row(data: PreparedData | PreferenceData, target_max_len: int) -> int:
+    """Tokens in the longest training row: a packed row, an example, or a prompt with its longer reply (EOS
+    included, cut at `target_max_len`): TRL pads chosen and rejected to one length."""
+    if isinstance(data, PreferenceData):
+        replies = zip(*(data.train[f"{reply}_tokens"] for reply in data.replies))
+        prompts = data.train["prompt_tokens"]
+        return max(prompt + min(max(lengths), target_max_len) for prompt, lengths in zip(prompts, replies))
+    rows = data.packed.rows if data.packed is not None else data.train
+    return max(rows["length"])
+
+
 def _batch_fill(preview: DataPreview) -> str:
     """How much of a training batch is real tokens, packed and not, in a random order as training draws them."""
     batch, seed, data = preview.recipe.training.batch_size, preview.recipe.training.seed, preview.data
