@@ -228,6 +228,9 @@ class Estimate:
     activations_full: int
     overhead: int
     gradient_checkpointing: bool
+    # lora.init pissa/olora/loftq: the 16-bit base and every residual, held on the CPU while the adapter starts
+    start_copy: int = 0
+    start_copy_on_device: bool = False  # a CPU run: the same memory as training's; on a GPU it is CPU RAM
 
     @property
     def activations(self) -> int:
@@ -239,7 +242,8 @@ class Estimate:
         act = self.activations_checkpointed if use else self.activations_full
         weights = self.base_weights + self.lora_weights + self.reference_weights
         fixed = weights + self.optimizer_state - self.optimizer_paged
-        return fixed + max(act, self.gradients + self.optimizer_step)
+        start = self.base_weights + self.lora_weights + self.start_copy if self.start_copy_on_device else 0
+        return max(fixed + max(act, self.gradients + self.optimizer_step), start)
 
     def peak(self, *, checkpointing: bool | None = None) -> int:
         """Everything the GPU holds at once, the paged optimizer state included."""
@@ -423,8 +427,15 @@ def _estimate(
     elif num_processes > 1:  # DDP reduces gradients through buckets of the same size
         gradients *= 2
 
+    start_copy = 0
+    if setup.lora and recipe.lora.changes_base:  # qlora_cli.model.start_from_16bit
+        copy = c * arch.params if quantized else 0  # a quantized base is loaded again in 16 bits beside it
+        residuals = c * arch.layers * sum(layer[m][0] * layer[m][1] for m in modules)  # all kept until the last
+        svd = 4 * 4 * max(layer[m][0] * layer[m][1] for m in modules)  # one layer's W, factors and error in fp32
+        start_copy = copy + residuals + svd
+
     tokens = sequences_per_row(recipe) * recipe.training.batch_size * seq_len
-    act = Activations(arch, setup, recipe, modules, c=c, residual=4 if quantized else c, tokens=tokens, loss=loss)
+    act = activations_for(setup, recipe, arch, modules, device=device, tokens=tokens, loss=loss)
     return Estimate(
         label=setup.label,
         base_weights=base,
@@ -438,7 +449,19 @@ def _estimate(
         activations_full=act.total(checkpointing=False) + gathered,
         overhead=CUDA_CONTEXT if device == "cuda" else CPU_PROCESS,
         gradient_checkpointing=recipe.training.gradient_checkpointing is not False,  # auto: planned as on
+        start_copy=start_copy,
+        start_copy_on_device=device == "cpu",
     )
+
+
+def activations_for(
+    setup: Setup, recipe: Recipe, arch: Architecture, modules: tuple[str, ...], *, device: str, tokens: int, loss: str
+) -> Activations:
+    c = compute_bytes_for(setup.quant, device)
+    residual = 4 if setup.quant.bits in (4, 8) else c
+    saved, adapter_saved = (residual, 4) if device == "cpu" else (c, c)  # the CPU's: tests/test_plan.py
+    return Activations(arch, setup, recipe, modules, c=c, residual=residual, saved=saved, adapter_saved=adapter_saved,
+                       tokens=tokens, loss=loss)  # fmt: skip
 
 
 def sequences_per_row(recipe: Recipe) -> int:
@@ -485,6 +508,11 @@ class Activations:
     modules: tuple[str, ...]
     c: int  # compute dtype bytes
     residual: int  # residual stream: fp32 when prepare_model_for_kbit_training upcast the embeddings
+    # Bytes of each activation the base's layers keep, and the adapters': the compute dtype under a GPU's autocast
+    # (not measured: no GPU was lent). On the CPU, which trains without autocast, the residual stream's, as 4-bit
+    # layers hand their output back in their input's dtype; and fp32, as peft computes adapters in their own dtype.
+    saved: int
+    adapter_saved: int
     tokens: int
     loss: str  # the loss path: plain, chunked or fused
 
@@ -498,18 +526,18 @@ class Activations:
             lora = self.recipe.lora
             if lora.dropout > 0:  # a bool mask: CUDA's fused dropout and qlora_cli.dropout.CpuDropout
                 inputs = sum(layer[m][0] for m in self.modules)
-                elements += inputs
+                adapter = inputs
                 masks = inputs
             else:
                 qkv = any(m in self.modules for m in ATTENTION[:3])
-                elements += h * qkv + att * ("o_proj" in self.modules) + i * ("down_proj" in self.modules)
+                adapter = h * qkv + att * ("o_proj" in self.modules) + i * ("down_proj" in self.modules)
                 masks = 0
-            elements += lora.r * len(self.modules)
-            if lora.dora:  # the base layer's output, kept to scale it by the magnitude over the weight's norm
-                elements += sum(layer[m][1] for m in self.modules)
-            return self.tokens * (self.c * elements + 4 * fp32 + masks)
+            adapter += lora.r * len(self.modules)
+            if lora.dora:  # the base layer's output and the adapter's, each kept to be scaled by magnitude / norm
+                adapter += 2 * sum(layer[m][1] for m in self.modules)
+            return self.tokens * (self.saved * elements + self.adapter_saved * adapter + 4 * fp32 + masks)
         elements += h + att + i + 2 * h
-        return self.tokens * (self.c * elements + 4 * fp32)
+        return self.tokens * (self.saved * elements + 4 * fp32)
 
     def total(self, *, checkpointing: bool) -> int:
         """The larger of two moments: the loss over the vocabulary (`loss_held`), and later one layer's backward.
@@ -692,6 +720,10 @@ def render_plan(plan: MemoryPlan, budget: int | None = None) -> str:
         ("base weights", [gib(e.base_weights) for e in ests]),
         ("LoRA adapters (fp32)", [gib(e.lora_weights) for e in ests]),
         ("reference copy (dpo, kto)", [gib(e.reference_weights) for e in ests]),
+        (
+            "16-bit start (pissa, olora, loftq)",
+            [gib(e.start_copy) + ("" if e.start_copy_on_device or not e.start_copy else " RAM") for e in ests],
+        ),
         ("gradients", [gib(e.gradients) for e in ests]),
         ("optimizer state", [gib(e.optimizer_state) for e in ests]),
         ("  of which paged", [gib(e.optimizer_paged) for e in ests]),
@@ -717,6 +749,11 @@ def render_plan(plan: MemoryPlan, budget: int | None = None) -> str:
         "* the recipe's setting. Peak = weights + adapters + optimizer + the larger of activations and gradients",
         "(gradients appear as activations are freed) + overhead. Paged optimizer state can spill to CPU RAM.",
     ]
+    if any(e.start_copy for e in ests):
+        notes.append("The 16-bit start is held before training and freed: " + (
+            "on the CPU the peak is the larger of it (with the weights) and training's."
+            if ests[0].start_copy_on_device else "it needs that much CPU RAM (RAM), not GPU memory."
+        ))  # fmt: skip
     if plan.auto_checkpointing:
         notes.append(f"Checkpointing auto: `qlora train` turns it off where the peak with it off fits in "
                      f"{100 * (1 - AUTO_MARGIN):.0f}% of the memory there.")  # fmt: skip

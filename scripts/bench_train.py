@@ -381,7 +381,8 @@ def loss_alone(recipe: Recipe, path: str, tokens: int, vocab: int, hidden: int) 
     seconds = statistics.median(step() for _ in range(3))
     arch = Architecture("head", hidden, layers=1, intermediate=hidden, heads=1, kv_heads=1, vocab=vocab)  # the head's
     setup = Setup(path, recipe.quantization, lora=True)
-    planned = Activations(arch, setup, recipe, lora_modules(recipe), c=4, residual=4, tokens=tokens, loss=path)
+    planned = Activations(arch, setup, recipe, lora_modules(recipe), c=4, residual=4, saved=4, adapter_saved=4,
+                          tokens=tokens, loss=path)  # an fp32 head and fp32 states, as above
     return {"loss_peak": held.peak, "loss_seconds": seconds, "loss_planned": planned.loss_held()}
 
 

@@ -350,3 +350,25 @@ def test_plan_counts_doras_magnitudes_and_trained_token_rows():
     assert dora.activations_full > plain.activations_full  # the base output kept, and one layer's W + s·B A
     assert tokens.lora_weights - plain.lora_weights == 4 * 2 * 2 * 4096  # two rows each of embedding and head
     assert embeddings.lora_weights - plain.lora_weights == 4 * 2 * 32000 * 4096  # untied: both matrices
+
+
+@pytest.mark.parametrize("init", ["pissa", "loftq"])
+def test_plan_counts_the_16bit_start_as_the_start_holds_it(init):
+    """lora.init pissa/loftq load the base again in 16 bits and keep every residual until the last is set."""
+    from qlora_cli.memory import MemoryMeter
+    from qlora_cli.plan import architecture_for, plan_memory
+
+    cfg = LoraConfig(r=8, init=init)
+    loaded = load_model(TINY, FP32_NF4)
+    loaded.model = add_lora(loaded.model, cfg, kind=loaded.kind)
+    with MemoryMeter("cpu").allocated_peak() as held:
+        start_from_16bit(loaded, TINY, cfg, None)
+    recipe = validate_recipe(recipe_with({"init": init}, quantization={"compute_dtype": "fp32"}))
+    arch = architecture_for("builtin:tiny-llama")
+    planned = plan_memory(recipe, arch, device="cpu").estimates[0]
+    assert held.peak == pytest.approx(planned.start_copy, rel=0.1)
+    assert planned.start_copy > 4 * arch.params  # the fp32 copy, and the residuals beside it
+    assert planned.allocated() >= planned.base_weights + planned.lora_weights + planned.start_copy
+    on_a_gpu = plan_memory(recipe, arch, device="cuda").estimates[0]
+    assert (on_a_gpu.start_copy, on_a_gpu.start_copy_on_device) == (planned.start_copy, False)
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import weakref
 
 import pytest
 import torch
@@ -13,8 +14,8 @@ from qlora_cli.config import QuantizationConfig, default_recipe
 from qlora_cli.plan import (
     ARCHITECTURES,
     GIB,
-    Activations,
     Setup,
+    activations_for,
     bits_per_parameter,
     parse_size,
     plan_memory,
@@ -123,30 +124,34 @@ def test_parse_size_reads_gpu_sizes_in_binary_units():
 
 
 @pytest.mark.parametrize(
-    "bits, lora_overrides",
+    "bits, dtype, lora_overrides",
     [
-        (4, ["lora.dropout=0"]),
-        (4, ["lora.dropout=0.1"]),
-        (16, ["lora.dropout=0.1", "lora.target_modules=[q_proj,v_proj]"]),
-        (16, ["lora.enabled=false"]),
+        (4, "fp32", ["lora.dropout=0"]),
+        (4, "fp32", ["lora.dropout=0.1"]),
+        (4, "bf16", ["lora.dropout=0.1"]),  # the CPU trains without autocast: fp32 residual, fp32 adapters
+        (4, "bf16", ["lora.dropout=0", "lora.dora=true"]),
+        (16, "fp32", ["lora.dropout=0.1", "lora.target_modules=[q_proj,v_proj]"]),
+        (16, "bf16", ["lora.dropout=0.1"]),  # a bf16 base keeps bf16, its fp32 adapters fp32
+        (16, "fp32", ["lora.enabled=false"]),
+        (16, "bf16", ["lora.enabled=false"]),
     ],
 )
-def test_layer_activations_are_what_autograd_saves(bits, lora_overrides):
-    """Count the bytes autograd keeps inside one decoder layer of a real (tiny) model."""
+def test_layer_activations_are_what_autograd_saves(bits, dtype, lora_overrides):
+    """Count the bytes autograd keeps inside one decoder layer of a real (tiny) model, on the CPU."""
     from qlora_cli.model import add_lora, load_model
     from qlora_cli.plan import architecture_for, lora_modules
 
-    overrides = [f"quantization.bits={bits}", "quantization.compute_dtype=fp32", "lora.r=8", *lora_overrides]
-    recipe = default_recipe("builtin:tiny-llama", overrides)  # fp32: c=4 below, on either kind of CPU
+    overrides = [f"quantization.bits={bits}", f"quantization.compute_dtype={dtype}", "lora.r=8", *lora_overrides]
+    recipe = default_recipe("builtin:tiny-llama", overrides)  # bf16 on a 64-token batch is quick on any CPU
     loaded = load_model(recipe.model, recipe.quantization)
     model = add_lora(loaded.model, recipe.lora, kind=loaded.kind) if recipe.lora.enabled else loaded.model
     model.train()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
+    packed: list[tuple[weakref.ref, int, int]] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         if t.untyped_storage().data_ptr() not in params:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            packed.append((weakref.ref(t), t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
         return t
 
     hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
@@ -154,11 +159,13 @@ def test_layer_activations_are_what_autograd_saves(bits, lora_overrides):
     layer.register_forward_pre_hook(lambda *_: hooks.__enter__())
     layer.register_forward_hook(lambda *_: hooks.__exit__(None, None, None))
     ids = torch.randint(3, 400, (2, 32))
-    model(input_ids=ids, labels=ids)
+    out = model(input_ids=ids, labels=ids)  # held: what its graph keeps is alive until the backward
+    saved = {ptr: nbytes for ref, ptr, nbytes in packed if ref() is not None}  # DoRA's transients are gone
+    assert out.loss.requires_grad
 
     arch = architecture_for("builtin:tiny-llama")
     setup = Setup("x", recipe.quantization, recipe.lora.enabled)
-    predicted = Activations(arch, setup, recipe, lora_modules(recipe), c=4, residual=4, tokens=64, loss="plain")
+    predicted = activations_for(setup, recipe, arch, lora_modules(recipe), device="cpu", tokens=64, loss="plain")
     assert sum(saved.values()) == pytest.approx(predicted.per_layer(), rel=0.02)
 
 
@@ -280,8 +287,8 @@ def test_activation_peak_is_the_loss_or_a_layer_as_the_allocator_sees_it(tmp_pat
         model(input_ids=ids, labels=ids).loss.backward()
 
     setup = Setup("QLoRA", recipe.quantization, lora=True)
-    activations = Activations(architecture_for(str(tmp_path)), setup, recipe, lora_modules(recipe), c=4, residual=4,
-                              tokens=ids.numel(), loss="plain")  # fmt: skip
+    activations = activations_for(setup, recipe, architecture_for(str(tmp_path)), lora_modules(recipe), device="cpu",
+                                  tokens=ids.numel(), loss="plain")  # fmt: skip
     assert held.peak == pytest.approx(activations.total(checkpointing=checkpointing), rel=0.1)
 
 
@@ -314,7 +321,7 @@ def test_the_plan_counts_what_each_loss_path_holds(loss, held):
     plan = plan_memory(recipe, SMOLLM2, device="cpu")
     assert (plan.loss, plan.loss_reason, plan.seq_len) == (loss, f"training.loss={loss}", 4096)
     setup = Setup("QLoRA", recipe.quantization, lora=True)
-    activations = Activations(SMOLLM2, setup, recipe, plan.lora_modules, c=4, residual=4, tokens=4096, loss=loss)
+    activations = activations_for(setup, recipe, SMOLLM2, plan.lora_modules, device="cpu", tokens=4096, loss=loss)
     assert activations.loss_held() == held
     assert f"loss over the vocabulary: {loss} (training.loss={loss})" in render_plan(plan).splitlines()
 
