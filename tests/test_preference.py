@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import signal
 from pathlib import Path
 
 import pytest
@@ -318,6 +319,41 @@ def test_a_dpo_run_merges_exactly_and_what_reads_a_run_reads_it(dpo_runs, tmp_pa
     assert code == 0 and json.loads((tmp_path / "mmlu.json").read_text())["total"] == 6, err[-3000:]
     code, out, err = cli("serve", "--adapter", str(run), "--print-vllm-command")  # a plain LoRA: vLLM loads it
     assert code == 0 and out.startswith("vllm serve ") and "--enable-lora" in out, err[-3000:]
+
+
+def test_a_dpo_run_is_served_live_and_answers_as_generate_does(dpo_runs, cli):
+    from tests.test_serve import http, start_server, stop  # skips here when the serve extra is not installed
+
+    run, prompt = dpo_runs["runs"]["fresh"], "Reverse: apple river stone\nAnswer:"
+    code, out, err = cli("generate", "--adapter", str(run), "--max-new-tokens", "6", "--prompt", prompt)
+    assert code == 0, err[-3000:]
+    process, url = start_server("--adapter", f"dpo={run}")
+    try:
+        request = {"model": "dpo", "prompt": prompt, "max_tokens": 6, "temperature": 0}
+        status, body = http("POST", f"{url}/v1/completions", json.dumps(request).encode(),
+                            {"Content-Type": "application/json"})  # fmt: skip
+    finally:
+        stop(process)  # SIGTERM: drained, the exit status says so
+    assert status == 200, body
+    assert body["choices"][0]["text"].strip() == out.strip() != ""
+
+
+def test_sigterm_stops_a_dpo_run_after_its_step_with_a_full_checkpoint(tmp_path):
+    from tests.test_resume import _start, _wait_for
+
+    recipe = _preference_recipe(tmp_path, "dpo", training={"max_steps": 400, "save_steps": 2, "save_total_limit": 2})
+    run = tmp_path / "run"
+    process = _start(recipe, run)
+    _wait_for(run / "checkpoint-2", process)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
+    last = max(int(p.name.removeprefix("checkpoint-")) for p in run.glob("checkpoint-*"))
+    assert 2 <= last < 400 and f"SIGTERM: stopped after step {last} of 400" in err
+    assert f"Resume with: qlora train --config {recipe} output_dir={run} --resume" in err
+    saved = {p.name for p in (run / f"checkpoint-{last}").iterdir()}
+    assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= saved
+    assert not (run / "completed").exists() and not (run / "adapter_model.safetensors").exists()
 
 
 def test_dpo_leaves_the_4bit_base_bit_identical_and_trains_the_adapter(tmp_path):
