@@ -524,7 +524,9 @@ class Activations:
         if self.setup.lora:
             layer = a.linears()
             lora = self.recipe.lora
-            if lora.dropout > 0:  # a bool mask: CUDA's fused dropout and qlora_cli.dropout.CpuDropout
+            # a bool mask: CUDA's fused dropout and qlora_cli.dropout.CpuDropout; preference methods train with
+            # dropout off (TRL's disable_dropout, qlora_cli.preference)
+            if lora.dropout > 0 and self.recipe.training.method == "sft":
                 inputs = sum(layer[m][0] for m in self.modules)
                 adapter = inputs
                 masks = inputs

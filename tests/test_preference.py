@@ -425,11 +425,16 @@ def test_plan_counts_a_pair_as_two_sequences_through_the_policy():
     from qlora_cli.plan import known_architecture, plan_memory, render_plan
 
     arch = known_architecture("llama-7b")
-    sft = _validate(data={"dataset": "preference"}, training={"batch_size": 2})
-    dpo = _validate(data={"dataset": "preference"}, training={"batch_size": 2, "method": "dpo"})
-    planned = {name: plan_memory(recipe, arch, device="cuda") for name, recipe in (("sft", sft), ("dpo", dpo))}
-    sft_act, dpo_act = (planned[name].estimates[0].activations_full for name in ("sft", "dpo"))
+    pairs, no_dropout = {"dataset": "preference"}, {"dropout": 0.0}  # preference training turns dropout off
+    recipes = {
+        "sft": _validate(data=pairs, training={"batch_size": 2}, lora=no_dropout),
+        "dpo": _validate(data=pairs, training={"batch_size": 2, "method": "dpo"}),
+        "dpo without dropout": _validate(data=pairs, training={"batch_size": 2, "method": "dpo"}, lora=no_dropout),
+    }
+    planned = {name: plan_memory(recipe, arch, device="cuda") for name, recipe in recipes.items()}
+    sft_act, dpo_act, same = (planned[name].estimates[0].activations_full for name in recipes)
     assert dpo_act > 1.9 * sft_act
+    assert dpo_act == same  # lora.dropout=0.1 in the recipe keeps no dropped copies in DPO
     assert "batch 2 pairs (chosen + rejected)" in render_plan(planned["dpo"])
 
 
