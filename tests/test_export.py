@@ -209,19 +209,73 @@ def test_the_modelfile_carries_the_template_stops_and_the_papers_sampling():
     assert 'PARAMETER stop "Below is an instruction."' in alpaca  # a stop is one line
 
 
-def test_the_converter_installed_apart_is_the_one_constraints_txt_records():
+def test_the_converters_installed_apart_are_the_ones_constraints_txt_records():
     from qlora_cli.export import CONVERTER
+    from qlora_cli.export_adapter import LORA_CONVERTER
 
-    assert CONVERTER in (REPO / "constraints.txt").read_text().splitlines()
+    pinned = (REPO / "constraints.txt").read_text().splitlines()
+    assert CONVERTER in pinned and LORA_CONVERTER in pinned
 
 
 def test_the_converters_reason_is_its_error_line_or_the_exception():
-    from qlora_cli.export import _last_error
+    from qlora_cli.export import last_error
 
-    assert _last_error("INFO:hf-to-gguf:Loading\nERROR:hf-to-gguf:Model FooForCausalLM is not supported\n") == (
+    assert last_error("INFO:hf-to-gguf:Loading\nERROR:hf-to-gguf:Model FooForCausalLM is not supported\n") == (
         "Model FooForCausalLM is not supported")  # fmt: skip
-    assert _last_error("Traceback (most recent call last):\n  File x\nNotImplementedError: BPE pre-tokenizer\n") == (
+    assert last_error("Traceback (most recent call last):\n  File x\nNotImplementedError: BPE pre-tokenizer\n") == (
         "NotImplementedError: BPE pre-tokenizer")  # fmt: skip
+
+
+# --------------------------------------------------------------------------- --adapter-only
+
+
+@pytest.fixture(scope="module")
+def small_lora_export(small_run: Path) -> Path:
+    out = small_run.with_name("export-lora-f32")
+    run_cli_in_process("export", "gguf", str(small_run), "--adapter-only", "--outtype", "f32", "--output", str(out))
+    return out
+
+
+def test_an_adapter_only_export_is_the_runs_lora_over_its_base(small_run: Path, small_lora_export: Path):
+    from gguf import GGUFReader
+
+    report = _report(small_lora_export)
+    assert report["max_relative_diff"] == 0 and report["layers_checked"] == 2 * 7  # f32: every number as trained
+    assert (report["rank"], report["alpha"]) == (64, 16)
+    fields = GGUFReader(small_lora_export / "run-lora-f32.gguf").fields
+    assert fields["general.type"].contents() == "adapter" and fields["adapter.type"].contents() == "lora"
+    base = json.loads((small_run / "adapter_config.json").read_text())["base_model_name_or_path"]
+    lines = (small_lora_export / "Modelfile").read_text().splitlines()
+    assert lines[1:3] == [f"FROM {Path(base).resolve()}", "ADAPTER ./run-lora-f32.gguf"]
+    assert sorted(p.name for p in small_lora_export.iterdir()) == [
+        "Modelfile", "export_report.json", "recipe.yaml", "run-lora-f32.gguf"]  # fmt: skip
+
+
+def test_the_adapter_read_back_fails_on_a_scale_or_layer_that_is_not_the_runs(small_run, small_lora_export, tmp_path):
+    from qlora_cli.adapter import read_adapter
+    from qlora_cli.errors import QloraError
+    from qlora_cli.export_adapter import check_lora_file
+    from qlora_cli.model import model_config
+
+    base_config = model_config(read_adapter(small_run).base_model()).to_dict()
+    gguf_file = small_lora_export / "run-lora-f32.gguf"
+    shutil.copytree(small_run, tmp_path / "run", ignore=shutil.ignore_patterns("checkpoint-*"))
+    adapter_config = tmp_path / "run/adapter_config.json"
+    raw = json.loads(adapter_config.read_text())
+    adapter_config.write_text(json.dumps({**raw, "lora_alpha": 2 * raw["lora_alpha"]}))  # as rsLoRA's √r would
+    _, _, worst, _ = check_lora_file(gguf_file, read_adapter(tmp_path / "run"), base_config)
+    assert worst == pytest.approx(0.5)  # the file's B A is half what this adapter trained
+    _drop_layer(tmp_path / "run")
+    with pytest.raises(QloraError, match="holds 28 tensors, the adapter 14"):
+        check_lora_file(gguf_file, read_adapter(tmp_path / "run"), base_config)
+
+
+def _drop_layer(run: Path) -> None:
+    """The adapter without its second layer: the file then holds LoRAs the run does not."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(run / "adapter_model.safetensors")
+    save_file({k: v for k, v in weights.items() if ".layers.1." not in k}, run / "adapter_model.safetensors")
 
 
 # --------------------------------------------------------------------------- the real SmolLM2-135M
@@ -255,3 +309,15 @@ def test_smollm2_exports_within_tolerance_with_its_tokenizer_and_stops_at_the_en
     france = next(g for g in report["generations"] if "France" in g["prompt"])
     assert "Paris" in france["gguf"]
     assert len(tokenizer(france["gguf"])["input_ids"]) < GENERATED_TOKENS // 2  # ended at EOS, not at the limit
+
+
+def test_smollm2_exports_its_adapter_alone_within_tolerance(smollm2_run: Path, cli):
+    out = smollm2_run.with_name("export-lora-q8_0")
+    code, stdout, stderr = cli("export", "gguf", str(smollm2_run), "--adapter-only", "--outtype", "q8_0",
+                               "--output", str(out))  # fmt: skip
+    assert code == 0, stderr[-3000:]
+    print(stdout)
+    report = _report(out)
+    assert report["layers_checked"] == 30 * 7 and 0 < report["max_relative_diff"] <= report["tolerance"]
+    assert report["base"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")  # Ollama's FROM: the base's own GGUF file
+

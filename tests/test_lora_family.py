@@ -333,6 +333,27 @@ def test_vllm_hand_off_passes_rslora_adapters_which_vllm_scales():
     assert "--enable-lora" in command and "lora-rslora=" in command
 
 
+# --------------------------------------------------------------------------- llama.cpp LoRA export
+
+
+def test_a_pissa_run_exports_its_plain_lora_conversion_as_a_llama_cpp_adapter(cli, tmp_path):
+    run = trained_option("pissa")
+    code, out, err = cli("export", "gguf", str(run), "--adapter-only", "--outtype", "f32", "--output", str(tmp_path / "x"))
+    assert code == 0, err[-3000:]
+    report = json.loads((tmp_path / "x/export_report.json").read_text())
+    assert report["exported"] == str(run / PLAIN_LORA_DIR)  # against the untouched base, which llama.cpp holds
+    assert report["rank"] == 2 * 8 and report["max_relative_diff"] <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"), [("dora", "DoRA"), ("rslora", "rsLoRA scaling"), ("tokens", "trainable token rows")]
+)
+def test_an_adapter_llama_cpp_would_load_differently_is_refused_for_adapter_only(name, reason, cli, tmp_path):
+    code, _, err = cli("export", "gguf", str(trained_option(name)), "--adapter-only", "--output", str(tmp_path / "x"))
+    assert code == 2 and f"llama.cpp cannot load this adapter as trained ({reason}" in err
+    assert "drop --adapter-only" in err and not (tmp_path / "x").exists()
+
+
 # --------------------------------------------------------------------------- qlora plan
 
 
