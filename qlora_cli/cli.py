@@ -547,7 +547,7 @@ def export_gguf(
             min=0.0,
             help="Largest logit difference from the merged model to accept; over it nothing is written.",
             show_default="0.001 for f32, 0.15 for f16, 0.6 for bf16, 3 for q8_0; --adapter-only: relative, "
-            "1e-05, 0.002, 0.02, 0.02",
+            "1e-05, 0.001, 0.008, 0.02",
         ),
     ] = None,
     adapter_only: Annotated[

