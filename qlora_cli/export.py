@@ -15,6 +15,7 @@ outtype from the merged model's on the merge check's prompts.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -34,7 +35,7 @@ from qlora_cli.data.formats import GUANACO_CHAT_TEMPLATE, DatasetFormat
 from qlora_cli.errors import QloraError
 from qlora_cli.generate import Generator, Sampling
 from qlora_cli.gguf import require_gguf_package
-from qlora_cli.merge import CHECK_EXAMPLES, MergeRequest, check_logits, merge_adapter
+from qlora_cli.merge import CHECK_EXAMPLES, MergeRequest, check_examples, check_logits, merge_adapter
 from qlora_cli.model import load_for_inference, model_kind
 from qlora_cli.model_kind import bos_prefix
 from qlora_cli.run_folder import (
@@ -55,6 +56,9 @@ WEIGHT_BYTES: dict[str, float] = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32
 # SmolLM2-135M after 3 QLoRA steps (README, "Export to llama.cpp and Ollama"): f32 0 (bit-identical), f16 0.06,
 # bf16 0.28, q8_0 1.54, all of it the rounding of the weights; the defaults leave 2-2.5x headroom (f32: merge's).
 DEFAULT_TOLERANCE: dict[str, float] = {"f32": 1e-3, "f16": 0.15, "bf16": 0.6, "q8_0": 3.0}
+# The same for llama.cpp's own logits (where llama-cpp-python is installed), which compute in its kernels: q8_0
+# also quantizes activations. Measured the same way (README, "Export to llama.cpp and Ollama").
+LLAMA_CPP_TOLERANCE: dict[str, float] = {"f32": 0.05, "f16": 0.3, "bf16": 1.0, "q8_0": 5.0}
 # The paper's sampling for chatbot answers (`qlora eval chat answer`), the Modelfile's defaults.
 PAPER_SAMPLING = {"temperature": 0.7, "top_p": 0.9}
 # Conversations the read-back template must render exactly as `qlora chat` and `qlora serve` render them.
@@ -100,6 +104,7 @@ class ExportReport:
     merge_max_abs_logit_diff: float  # the merge's own check, fp32 against the trained model
     max_abs_logit_diff: float  # the GGUF file against the merged model
     top1_agreement: float  # share of positions where both pick the same next token
+    llama_cpp: dict[str, Any] | None  # llama.cpp's own logits against the merged model, where llama-cpp-python is
     tolerance: float
     check_prompts: int
     chat_template: str
@@ -120,6 +125,9 @@ class ExportReport:
             f"Logits on {self.check_prompts} prompts: largest difference from the merged model {self.max_abs_logit_diff:.2e}, "
             f"within the tolerance {self.tolerance:g} for {self.outtype}; same next token at "
             f"{100 * self.top1_agreement:.1f}% of positions (merge check {self.merge_max_abs_logit_diff:.1e})",
+            (f"llama.cpp itself ({self.llama_cpp['version']}): largest difference {self.llama_cpp['max_abs_logit_diff']:.2e}, "
+             f"within {self.llama_cpp['tolerance']:g}; same next token at {100 * self.llama_cpp['top1_agreement']:.1f}%"
+             if self.llama_cpp else "llama.cpp itself not run (pip install llama-cpp-python to check its logits too)"),
             "Greedy replies, merged model | GGUF file:",
         ]
         for g in self.generations:
@@ -151,14 +159,16 @@ def export_gguf(request: ExportRequest) -> ExportReport:
         merged.model = None  # freed before the file's copy loads: one model in memory at a time
         merged.model = _load_gguf_model(gguf_file)
         logits, gguf_replies = check_logits(merged, adapter), _greedy(generator, prompts)
-        difference = max(float((a - b).abs().max()) for a, b in zip(logits, reference))
-        agreement = _top1_agreement(logits, reference)
-        if not difference <= tolerance:
-            raise QloraError(
-                f"the {request.outtype} GGUF file is {difference:.2e} logits away from the merged model, over the "
-                f"tolerance {tolerance:g} (same next token at {100 * agreement:.1f}% of positions); nothing written: "
-                "export a wider --outtype (f32 is exact), or accept it with --tolerance"
+        difference, agreement = _compare(logits, reference, tolerance, f"the {request.outtype} GGUF file")
+        runtime = None
+        if importlib.util.find_spec("llama_cpp") is not None:  # its own kernels, not transformers' dequantization
+            ids = [example["input_ids"] for example in check_examples(merged, adapter)]
+            limit = LLAMA_CPP_TOLERANCE[request.outtype] if request.tolerance is None else request.tolerance
+            runtime_difference, runtime_agreement = _compare(
+                llama_cpp_logits(gguf_file, ids), reference, limit, f"llama.cpp's logits of the {request.outtype} file"
             )
+            runtime = {"version": _llama_cpp_version(), "max_abs_logit_diff": runtime_difference,
+                       "top1_agreement": runtime_agreement, "tolerance": limit}  # fmt: skip
         shutil.rmtree(merged_folder)
         (staging / RECIPE_FILE).write_text(adapter.recipe.to_yaml())  # lets generate/serve find the prompt format
         stop = generator.stop_strings + [merged.tokenizer.eos_token]
@@ -173,6 +183,7 @@ def export_gguf(request: ExportRequest) -> ExportReport:
             merge_max_abs_logit_diff=merge.max_abs_logit_diff,
             max_abs_logit_diff=difference,
             top1_agreement=agreement,
+            llama_cpp=runtime,
             tolerance=tolerance,
             check_prompts=len(CHECK_EXAMPLES),
             chat_template=template,
@@ -410,6 +421,43 @@ def _load_gguf_model(gguf_file: Path) -> Any:
 
 def _greedy(generator: Generator, prompts: list[str]) -> list[str]:
     return generator.generate(prompts, Sampling(max_new_tokens=GENERATED_TOKENS, batch_size=len(prompts)))
+
+
+def _compare(logits: list[torch.Tensor], reference: list[torch.Tensor], tolerance: float, what: str) -> tuple[float, float]:
+    """(largest logit difference, share of same next tokens) against the merged model; over `tolerance`, refused."""
+    difference = max(float((a - b).abs().max()) for a, b in zip(logits, reference))
+    agreement = _top1_agreement(logits, reference)
+    if not difference <= tolerance:
+        raise QloraError(
+            f"{what} is {difference:.2e} logits away from the merged model, over the tolerance {tolerance:g} (same "
+            f"next token at {100 * agreement:.1f}% of positions); nothing written: export a wider --outtype (f32 is "
+            "exact), or accept it with --tolerance"
+        )
+    return difference, agreement
+
+
+def llama_cpp_logits(gguf_file: Path, token_ids: list[list[int]]) -> list[torch.Tensor]:
+    """Logits llama.cpp computes for each sequence, every position, through llama-cpp-python."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    model = Llama(
+        model_path=str(gguf_file), n_ctx=max(len(ids) for ids in token_ids), logits_all=True, verbose=False,
+        n_threads=torch.get_num_threads(),
+    )  # fmt: skip
+    logits = []
+    for ids in token_ids:
+        model.reset()
+        model.eval(ids)
+        logits.append(torch.from_numpy(np.array(model.scores[: len(ids)], dtype=np.float32)).unsqueeze(0))
+    model.close()
+    return logits
+
+
+def _llama_cpp_version() -> str:
+    from importlib.metadata import version
+
+    return f"llama-cpp-python {version('llama-cpp-python')}"
 
 
 def _top1_agreement(logits: list[torch.Tensor], reference: list[torch.Tensor]) -> float:

@@ -266,17 +266,23 @@ def _round_trip_in_place(model: Any, quantized: dict[str, _QuantSpec]) -> None:
 # --------------------------------------------------------------------------- the check
 
 
+def check_examples(loaded: LoadedModel, adapter: TrainedAdapter) -> list[dict[str, Any]]:
+    """The check examples tokenized as training tokenized its data: prompt (in the run's format) + answer."""
+    data_cfg = adapter.recipe.data if adapter.recipe else DataConfig()
+    fmt = prompt_format(adapter.recipe, loaded.tokenizer)
+    return [
+        tokenize_example(loaded.tokenizer, apply_format(fmt, instruction), answer, data_cfg, kind=loaded.kind)
+        for instruction, answer in CHECK_EXAMPLES
+    ]
+
+
 def _check_logits(loaded: LoadedModel, adapter: TrainedAdapter) -> list[torch.Tensor]:
     """Logits over prompt + answer for each check example, one at a time (no padding), in fp32 on the CPU."""
-    data_cfg = adapter.recipe.data if adapter.recipe else DataConfig()
-    logits = []
     with torch.no_grad():
-        for instruction, answer in CHECK_EXAMPLES:
-            source = apply_format(prompt_format(adapter.recipe, loaded.tokenizer), instruction)
-            example = tokenize_example(loaded.tokenizer, source, answer, data_cfg, kind=loaded.kind)
-            inputs = loaded.kind.forward_inputs(example, loaded.device)
-            logits.append(loaded.model(**inputs).logits.float().cpu())
-    return logits
+        return [
+            loaded.model(**loaded.kind.forward_inputs(example, loaded.device)).logits.float().cpu()
+            for example in check_examples(loaded, adapter)
+        ]
 
 
 def check_logits(loaded: LoadedModel, adapter: TrainedAdapter) -> list[torch.Tensor]:
