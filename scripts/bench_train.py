@@ -301,6 +301,9 @@ def compare_packing(args: argparse.Namespace) -> None:
     print(f"\n## Packing ({device}, {args.model}, batch {args.batch_size}, rows of up to {args.packed_len} tokens, "
           f"{args.steps} steps{''.join(f' {s}' for s in args.set)})\n")  # fmt: skip
     print(packing_table(results))
+    for (name, packed), r in results.items():
+        if "profile_buckets" in r:
+            print_profile(f"{name} {'packed' if packed else 'unpacked'}", r)
     write_json(args.json, {"device": device, "args": vars(args) | {"json": str(args.json)},
                            "results": {f"{name} {'packed' if packed else 'unpacked'}": r
                                        for (name, packed), r in results.items()}})  # fmt: skip
