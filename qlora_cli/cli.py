@@ -515,7 +515,8 @@ EXPORT_HELP = (
     "(installed apart on first use; see qlora export converter).\n\n"
     "The file is read back: chat template, BOS/EOS and vocabulary must match the run's tokenizer, and its logits "
     "(dequantized by transformers) must stay within --tolerance of the merged model's; otherwise exit 2 and "
-    "nothing is written. Greedy replies of both are printed side by side.\n\n"
+    "nothing is written. Where llama-cpp-python is installed, llama.cpp's own logits of the file are checked too. "
+    "Greedy replies of both are printed side by side.\n\n"
     "--adapter-only writes the LoRA alone as a llama.cpp adapter file (llama.cpp's LoRA converter, from "
     "llama-cpp-python's sdist on first use), with a Modelfile that puts it over the base; refused for adapters "
     "llama.cpp would load differently (DoRA, rsLoRA, trained embedding rows). Its alpha/r · B A is read back and "
@@ -546,8 +547,8 @@ def export_gguf(
         typer.Option(
             min=0.0,
             help="Largest logit difference from the merged model to accept; over it nothing is written.",
-            show_default="0.001 for f32, 0.15 for f16, 0.6 for bf16, 3 for q8_0; --adapter-only: relative, "
-            "1e-05, 0.001, 0.008, 0.02",
+            show_default="0.001 for f32, 0.15 for f16, 0.6 for bf16, 3 for q8_0; llama.cpp's own logits: 0.06, "
+            "0.15, 1, 5; --adapter-only: relative, 1e-05, 0.001, 0.008, 0.02",
         ),
     ] = None,
     adapter_only: Annotated[

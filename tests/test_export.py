@@ -91,6 +91,16 @@ def test_an_f32_export_holds_the_file_the_modelfile_and_the_recipe_and_is_the_me
     assert "FROM ./run-f32.gguf" in (small_export / "Modelfile").read_text()
 
 
+def test_llama_cpp_itself_computes_the_files_logits_within_its_tolerance(small_export: Path):
+    """Where llama-cpp-python is installed (it compiles llama.cpp: CI does not), llama.cpp reads the file too."""
+    pytest.importorskip("llama_cpp")
+    from qlora_cli.export import LLAMA_CPP_TOLERANCE
+
+    runtime = _report(small_export)["llama_cpp"]
+    assert runtime["version"].startswith("llama-cpp-python ") and runtime["tolerance"] == LLAMA_CPP_TOLERANCE["f32"]
+    assert runtime["max_abs_logit_diff"] <= runtime["tolerance"] and runtime["top1_agreement"] >= 0.95
+
+
 def test_over_the_tolerance_nothing_is_written_and_an_earlier_export_survives(small_run: Path, small_export: Path, cli):
     before = {p.name: p.stat().st_mtime_ns for p in small_export.iterdir()}
     code, _, err = cli("export", "gguf", str(small_run), "--outtype", "q8_0", "--output", str(small_export),
@@ -158,6 +168,22 @@ def test_generate_reads_the_exported_file_in_the_runs_prompt_format(small_export
                                "--max-new-tokens", "48", "--compute-dtype", "fp32")  # fmt: skip
     assert code == 0, stderr[-3000:]
     assert stdout.strip() == first["gguf"]  # formatted as alpaca: the recipe beside the file was found
+
+
+def test_serve_answers_from_the_exported_file_as_the_export_generated(small_export: Path):
+    from tests.test_serve import http, start_server, stop  # skips here when the serve extra is not installed
+
+    first = _report(small_export)["generations"][0]
+    process, url = start_server("--model", str(small_export / "run-f32.gguf"), "--compute-dtype", "fp32")
+    try:
+        request = {"model": str(small_export / "run-f32.gguf"), "messages": [{"role": "user", "content": first["prompt"]}],
+                   "max_tokens": 48, "temperature": 0}  # fmt: skip
+        status, body = http("POST", f"{url}/v1/chat/completions", json.dumps(request).encode(),
+                            {"Content-Type": "application/json"})  # fmt: skip
+    finally:
+        stop(process)
+    assert status == 200, body
+    assert body["choices"][0]["message"]["content"].strip() == first["gguf"]  # the run's prompt format, found
 
 
 def test_a_tokenizer_llama_cpp_does_not_know_fails_the_conversion_in_one_line(llama_adapter: Path, cli, tmp_path):
@@ -306,6 +332,9 @@ def test_smollm2_exports_within_tolerance_with_its_tokenizer_and_stops_at_the_en
     assert len(metadata["tokens"]) == len(tokenizer) == 49152
     assert report["max_abs_logit_diff"] <= report["tolerance"]
     assert report["top1_agreement"] >= (0.95 if outtype == "f16" else 0.9)  # the rest: near-ties rounding flips
+    if report["llama_cpp"] is not None:  # llama-cpp-python installed: llama.cpp's own logits were checked too
+        assert report["llama_cpp"]["max_abs_logit_diff"] <= report["llama_cpp"]["tolerance"]
+        assert report["llama_cpp"]["top1_agreement"] >= 0.9
     france = next(g for g in report["generations"] if "France" in g["prompt"])
     assert "Paris" in france["gguf"]
     assert len(tokenizer(france["gguf"])["input_ids"]) < GENERATED_TOKENS // 2  # ended at EOS, not at the limit
