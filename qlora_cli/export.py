@@ -33,7 +33,7 @@ from qlora_cli.adapter import TrainedAdapter, prompt_format, read_adapter
 from qlora_cli.config import ModelConfig, QuantizationConfig
 from qlora_cli.data.formats import GUANACO_CHAT_TEMPLATE, DatasetFormat
 from qlora_cli.errors import QloraError
-from qlora_cli.generate import Generator, Sampling
+from qlora_cli.generate import Generator, Sampling, turn_openings
 from qlora_cli.gguf import require_gguf_package
 from qlora_cli.merge import CHECK_EXAMPLES, MergeRequest, check_examples, check_logits, merge_adapter
 from qlora_cli.model import load_for_inference, model_kind
@@ -171,9 +171,7 @@ def export_gguf(request: ExportRequest) -> ExportReport:
             runtime = {"version": _llama_cpp_version(), "max_abs_logit_diff": runtime_difference,
                        "top1_agreement": runtime_agreement, "tolerance": limit}  # fmt: skip
         shutil.rmtree(merged_folder)
-        (staging / RECIPE_FILE).write_text(adapter.recipe.to_yaml())  # lets generate/serve find the prompt format
-        stop = generator.stop_strings + [merged.tokenizer.eos_token]
-        (staging / MODELFILE_FILE).write_text(modelfile(gguf_file.name, fmt, stop))
+        stop = write_companions(staging, adapter, gguf_file.name, fmt, merged.tokenizer)
         report = ExportReport(
             run=str(request.run),
             output=str(request.folder),
@@ -343,6 +341,18 @@ def modelfile(gguf_name: str, fmt: DatasetFormat | None, stop: list[str], base: 
     lines += [f"PARAMETER stop {q(s.strip().splitlines()[0])}" for s in stop if s and s.strip()]
     lines += [f"PARAMETER {name} {value}" for name, value in PAPER_SAMPLING.items()]
     return "\n".join(lines) + "\n"
+
+
+def write_companions(
+    folder: Path, adapter: TrainedAdapter, gguf_name: str, fmt: DatasetFormat | None, tokenizer: Any,
+    base: str | None = None,
+) -> list[str]:  # fmt: skip
+    """The recipe beside the file (generate/serve find the prompt format there) and the Modelfile; returns its
+    stops: the opening of a user turn and EOS."""
+    (folder / RECIPE_FILE).write_text(adapter.recipe.to_yaml())
+    stop = [*turn_openings(fmt), tokenizer.eos_token]
+    (folder / MODELFILE_FILE).write_text(modelfile(gguf_name, fmt, stop, base=base))
+    return stop
 
 
 def _set_chat_template(folder: Path, template: str) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -32,14 +33,12 @@ import torch
 from qlora_cli.adapter import TrainedAdapter, prompt_format
 from qlora_cli.builtin import resolve_builtin_model
 from qlora_cli.errors import QloraError
-from qlora_cli.export import ExportRequest, last_error, modelfile, validate_export
-from qlora_cli.generate import turn_openings
+from qlora_cli.export import ExportRequest, last_error, validate_export, write_companions
 from qlora_cli.model import load_tokenizer, model_config
 from qlora_cli.run_folder import (
     ADAPTER_WEIGHT_FILES,
     EXPORT_REPORT_FILE,
     MODELFILE_FILE,
-    RECIPE_FILE,
     staged_folder,
 )
 
@@ -105,15 +104,10 @@ def export_lora_gguf(request: ExportRequest) -> AdapterExportReport:
                 f"the {request.outtype} LoRA GGUF's alpha/r · B A is {worst:.2e} (relative) away from the run's, over "
                 f"the tolerance {tolerance:g}; nothing written: export a wider --outtype (f32 is exact)"
             )
-        for leftover in (staging / "base").iterdir():
-            leftover.unlink()
-        (staging / "base").rmdir()
-        (staging / RECIPE_FILE).write_text(adapter.recipe.to_yaml())
+        shutil.rmtree(staging / "base")
         tokenizer = load_tokenizer(base)
-        fmt = prompt_format(adapter.recipe, tokenizer)
         from_base = _ollama_base(base.name_or_path, base.gguf_file)
-        stop = [*turn_openings(fmt), tokenizer.eos_token]
-        (staging / MODELFILE_FILE).write_text(modelfile(gguf_file.name, fmt, stop, base=from_base))
+        write_companions(staging, adapter, gguf_file.name, prompt_format(adapter.recipe, tokenizer), tokenizer, from_base)
         report = AdapterExportReport(
             run=str(request.run),
             output=str(request.folder),
